@@ -1,0 +1,1 @@
+"""Prefect flows and the ``convcache`` command line that runs them."""

@@ -1,0 +1,300 @@
+"""The ``convcache`` command line.
+
+Commands that run a flow (``extract``, ``train``, ``predict``...) import Prefect; ``info``
+and ``layers`` do not, so they start in about a second. Settings are validated before a
+flow starts, so a bad value fails fast and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+
+DEFAULT_CACHE_DIR = "data/cache"
+DEFAULT_MODELS_DIR = "data/models"
+DEFAULT_REPORTS_DIR = "data/reports"
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 1."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pipeline.bases import UnknownBaseError
+    from pipeline.extract import CacheFolderError
+    from pipeline.heads import HeadError
+    from pipeline.images import DataFolderError
+    from pipeline.locking import CacheLockError
+    from pipeline.spec import SpecError
+    from pipeline.store import CacheFileError
+
+    return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
+            SpecError, CacheFileError, FileNotFoundError, PermissionError)
+
+
+def add_spec_options(parser: argparse.ArgumentParser) -> None:
+    """Add the options that make up a feature spec."""
+    from pipeline.bases import BASES
+    from pipeline.spec import POOLINGS, PRECISIONS, STORE_DTYPES
+
+    group = parser.add_argument_group("feature spec (every option here changes the cache key)")
+    group.add_argument("--base", default="vgg16", help=f"conv base: {', '.join(sorted(BASES))} (default: vgg16)")
+    group.add_argument("--weights", default="imagenet",
+                       help="'imagenet' (Keras download and cache), 'none' (random) or a path to an .h5 file")
+    group.add_argument("--input-size", type=int, default=None, help="input height and width in pixels (default: per base)")
+    group.add_argument("--layer", default=None, help="take features from this layer (see 'convcache layers BASE')")
+    group.add_argument("--pooling", choices=POOLINGS, default=None, help="global pooling of the feature map (default: per base)")
+    group.add_argument("--alpha", type=float, default=None, help="width multiplier of the MobileNet bases")
+    group.add_argument("--resize", default="bilinear", help="Pillow resize filter (default: bilinear)")
+    group.add_argument("--no-jpeg-draft", action="store_true", help="decode JPEGs at full size before resizing")
+    group.add_argument("--no-exif-transpose", action="store_true", help="ignore EXIF orientation")
+    group.add_argument("--precision", choices=PRECISIONS, default="float32", help="compute precision of the base")
+    group.add_argument("--store-dtype", choices=STORE_DTYPES, default="float32", help="dtype of stored features")
+
+
+def spec_from_args(args: argparse.Namespace) -> Any:
+    """Build and validate the feature spec named by the command-line options."""
+    from pipeline.spec import make_spec
+
+    return make_spec(
+        base=args.base, weights=args.weights, input_size=args.input_size, layer=args.layer, pooling=args.pooling,
+        alpha=args.alpha, resize=args.resize, jpeg_draft=not args.no_jpeg_draft,
+        exif_transpose=not args.no_exif_transpose, precision=args.precision, store_dtype=args.store_dtype,
+    )
+
+
+def _print(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    if as_json:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    else:
+        print(human(result))
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from pipeline.extract import check_cache_dir
+    from pipeline.images import scan_tree
+    from pipeline.store import read_header
+
+    spec = spec_from_args(args)
+    scan_tree(args.data_dir)
+    cache_dir = Path(args.cache_dir)
+    check_cache_dir(cache_dir)
+    if (cache_dir / spec.cache_name).exists():
+        read_header(cache_dir / spec.cache_name, expected_digest=spec.digest)
+
+    from flows.extract import extract_flow
+
+    summary = extract_flow(
+        str(args.data_dir), str(cache_dir), spec.to_json(), batch_size=args.batch_size,
+        lock_timeout=args.lock_timeout, use_lock=False if args.no_lock else None,
+    )
+    _print(summary, args.json, _human_extract)
+    return 0
+
+
+def _human_extract(s: dict[str, Any]) -> str:
+    lines = [
+        f"cache     {s['cache']}",
+        f"images    {s['images']}  computed {s['computed']}  reused {s['reused']}  failed {len(s['failed'])}",
+        f"time      {s['seconds']:.1f} s  ({s['images_per_second']:.1f} images/s computed)",
+    ]
+    lines += [f"failed    {f['path']}: {f['reason']}" for f in s["failed"][:20]]
+    if len(s["failed"]) > 20:
+        lines.append(f"          ... and {len(s['failed']) - 20} more (see --json)")
+    lines += [f"conflict  same bytes in {', '.join(sorted(c['paths']))}" for c in s["conflicts"]]
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.heads import HEAD_NAMES, make_head
+    from pipeline.store import read_header
+
+    if not Path(args.cache_file).exists():
+        raise CommandError(f"cache file not found: {args.cache_file}. Run 'convcache extract' first.")
+    read_header(args.cache_file)
+    if args.head not in HEAD_NAMES:
+        make_head(args.head, 2)  # raises HeadError naming the valid heads
+
+    from flows.train import train_flow
+
+    result = train_flow(str(args.cache_file), args.head, str(args.models_dir), args.seed, args.use_views)
+    _print(result, args.json, _human_train)
+    return 0
+
+
+def _human_train(r: dict[str, Any]) -> str:
+    lines = [f"head      {r['head']}  (fit {r['fit_seconds']:.1f} s)", f"saved     {r['model_path']}"]
+    for split, m in r["metrics"].items():
+        loss = f"  loss {m['loss']:.4f}" if "loss" in m else ""
+        lines.append(f"{split:<10}accuracy {m.get('accuracy', float('nan')):.4f}{loss}  n {m['n']}")
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pipeline.heads import load_head
+    from pipeline.predict import check_base, collect_images
+
+    _, meta = load_head(args.model_path)
+    check_base(meta, args.base, args.weights)
+    collect_images(args.images)
+
+    from flows.predict import predict_flow
+
+    results = predict_flow(str(args.model_path), [str(p) for p in args.images], args.base, args.weights)
+    _print(results, args.json, _human_predict)
+    return 0
+
+
+def _human_predict(results: list[dict[str, Any]]) -> str:
+    return "\n".join(
+        f"{r['path']}\t{r['class']}\t{r['probability']:.4f}" if "class" in r else f"{r['path']}\terror: {r['error']}"
+        for r in results
+    )
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.maintenance import describe_cache
+
+    info = describe_cache(args.cache_file)
+    _print(info, args.json, _human_info)
+    return 0
+
+
+def _human_info(i: dict[str, Any]) -> str:
+    spec = i["spec"]
+    lines = [
+        f"cache      {i['cache']}  ({i['file_bytes'] / 1e6:.1f} MB)",
+        f"spec       {spec['base']} {spec['input_size']} px, layer {spec['layer'] or 'top'}, pooling {spec['pooling']}, "
+        f"{spec['precision']}, stored as {spec['store_dtype']}, weights {spec['weights']} ({spec['weights_digest'][:12]})",
+        f"features   {i['feature_shape']}  digest {i['spec_digest'][:12]}",
+        f"images     {i['images']} present, {i['rows']} rows, {i['absent_rows']} absent, "
+        f"{i['augmented_rows']} augmented, {i['failed']} failed, {i['conflicts']} conflicts",
+    ]
+    for split, counts in i["rows_per_split"].items():
+        lines.append(f"  {split:<10} " + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    versions = ", ".join(f"{k} {v}" for k, v in i["library_versions"].items())
+    lines.append(f"written by {versions}")
+    return "\n".join(lines)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from pipeline.layers import list_layers
+
+    layers = list_layers(args.base, args.input_size, args.alpha)
+    _print(layers, args.json, lambda rows: "\n".join(f"{r['name']:<32}{tuple(r['shape'])}" for r in rows))
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from pipeline.maintenance import prune_cache
+
+    result = prune_cache(args.cache_file, args.data_dir, lock_timeout=args.lock_timeout,
+                         use_lock=False if args.no_lock else None)
+    _print(result, args.json, lambda r: f"pruned {r['removed']} rows from {r['cache']} ({r['rows_after']} left)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``convcache`` argument parser."""
+    parser = argparse.ArgumentParser(prog="convcache", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="cache conv-base features of an image tree")
+    p.add_argument("data_dir", help="root/<class>/<images> or root/{train,validation,test}/<class>/<images>")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"folder of cache files (default: {DEFAULT_CACHE_DIR})")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    _add_lock_options(p)
+    add_spec_options(p)
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("train", help="fit a head on cached features (no conv base is built)")
+    p.add_argument("cache_file")
+    p.add_argument("--head", default="logreg", help="dense or logreg (default: logreg)")
+    p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=f"where to save the head (default: {DEFAULT_MODELS_DIR})")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--use-views", action="store_true", help="also train on cached augmented views")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="classify images with a trained head")
+    p.add_argument("model_path", help="folder written by 'convcache train' or 'convcache compare'")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--base", default=None, help="reject the head unless it was trained on this base")
+    p.add_argument("--weights", default=None, help="weights file to run the base with (must match the head's)")
+    p.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("info", help="describe a cache file")
+    p.add_argument("cache_file")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("layers", help="list the layers of a conv base with their output shapes")
+    p.add_argument("base")
+    p.add_argument("--input-size", type=int, default=None, help="input size in pixels (default: per base)")
+    p.add_argument("--alpha", type=float, default=None, help="width multiplier of the MobileNet bases")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("prune", help="remove rows of images that are no longer in the tree")
+    p.add_argument("cache_file")
+    p.add_argument("data_dir")
+    _add_lock_options(p)
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=cmd_prune)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _add_lock_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lock-timeout", type=float, default=600.0,
+                        help="seconds to wait for another writer of the same cache (default: 600)")
+    parser.add_argument("--no-lock", action="store_true",
+                        help="take no writer lock; only for file systems without fcntl locks")
+
+
+def _extra_commands() -> list[Callable[[Any], None]]:
+    """Register commands defined in their own modules (compare, serve, finetune)."""
+    registrars = []
+    for module_name in ("flows.compare_cli", "flows.serve_cli", "flows.finetune_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        registrars.append(module.register)
+    return registrars
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except _user_errors() as error:
+        print(f"convcache: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convcache: interrupted; committed rows are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

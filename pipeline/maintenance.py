@@ -1,0 +1,93 @@
+"""Cache inspection (``convcache info``) and pruning (``convcache prune``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipeline.compact import compact
+from pipeline.extract import plan_extraction, remove_stale_temporaries
+from pipeline.images import scan_tree
+from pipeline.locking import CacheLock
+from pipeline.snapshot import CacheSnapshot
+from pipeline.store import parts_dir, read_header
+from pipeline.versions import library_versions
+
+logger = logging.getLogger(__name__)
+
+
+def describe_cache(cache_path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Summarise a cache: spec, rows per split and class, failures, size and writer versions."""
+    path = Path(cache_path)
+    if not path.exists():
+        raise FileNotFoundError(f"cache file not found: {path}. Run 'convcache extract' first, or check the path.")
+    read_header(path)  # rejects files that are not ours before anything else
+    with CacheSnapshot(path) as snapshot:
+        cols = snapshot.columns
+        present = snapshot.select(split=None, present_only=True, views=False)
+        per_split: dict[str, dict[str, int]] = {}
+        for i in present:
+            split = cols.split[i] or "(none)"
+            label = cols.label[i]
+            name = snapshot.classes[label] if label >= 0 else "(unknown)"
+            per_split.setdefault(split, Counter())[name] += 1
+        views = int((cols.view > 0).sum())
+        absent = int((~cols.present).sum())
+        attrs = snapshot.attrs
+        segment_bytes = sum(p.stat().st_size for p in snapshot.segment_paths)
+        return {
+            "cache": str(path),
+            "spec": json.loads(snapshot.spec.to_json()),
+            "spec_digest": snapshot.spec.digest,
+            "feature_shape": list(snapshot.feature_shape),
+            "classes": snapshot.classes,
+            "rows": len(cols),
+            "images": len(present),
+            "rows_per_split": {s: dict(sorted(c.items())) for s, c in sorted(per_split.items())},
+            "augmented_rows": views,
+            "absent_rows": absent,
+            "failed": len(json.loads(str(attrs.get("failed", "[]")))),
+            "conflicts": len(json.loads(str(attrs.get("conflicts", "[]")))),
+            "pending_segments": len(snapshot.segment_paths),
+            "file_bytes": path.stat().st_size + segment_bytes,
+            "data_root": str(attrs.get("data_root", "")),
+            "written_at": str(attrs.get("written_at", "")),
+            "library_versions": json.loads(str(attrs.get("library_versions", "{}"))),
+        }
+
+
+def prune_cache(
+    cache_path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    lock_timeout: float = 600.0,
+    use_lock: bool | None = None,
+) -> dict[str, Any]:
+    """Drop the rows of images that are no longer under ``data_dir``; returns rows before and after.
+
+    Images of the tree that the cache does not hold yet are not computed: run
+    ``convcache extract`` for that.
+    """
+    path = Path(cache_path)
+    header = read_header(path)
+    manifest = scan_tree(data_dir)
+    with CacheLock(path, timeout=lock_timeout, enabled=use_lock):
+        remove_stale_temporaries(path)
+        with CacheSnapshot(path, expected_digest=header.spec.digest) as snapshot:
+            before = len(snapshot.columns)
+            plan = plan_extraction(manifest, snapshot)
+            attrs: dict[str, Any] = {
+                "failed": [asdict(f) for f in plan.failures],
+                "conflicts": plan.conflicts,
+                "data_root": str(manifest.root),
+                "library_versions": library_versions(),
+            }
+            index = [e for e in plan.index if e.digest not in set(plan.todo_digests)]
+            after = compact(path, header.spec, snapshot, index, manifest.classes, attrs, prune=True)
+    logger.info("pruned %s: %d rows before, %d after", path, before, after)
+    return {"cache": str(path), "rows_before": before, "rows_after": after, "removed": before - after,
+            "not_cached": len(plan.todo), "parts": str(parts_dir(path))}
