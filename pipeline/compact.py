@@ -18,6 +18,8 @@ from pipeline.store import Rows, write_table
 logger = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1024
+# Attributes that write_table sets itself on every file.
+RESERVED_ATTRS = ("format", "schema_version", "spec", "spec_digest", "classes", "feature_shape", "written_at")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,11 @@ def compact(
     else:
         feature_shape = tuple(attrs.pop("feature_shape_hint", (0,)))
         absorbed = []
-    attrs = dict(attrs)
+    # Attributes that other modules added (an augmentation recipe, say) survive compaction.
+    previous = dict(snapshot.attrs) if snapshot is not None else {}
+    for key in RESERVED_ATTRS:
+        previous.pop(key, None)
+    attrs = {**previous, **attrs}
     attrs.pop("feature_shape_hint", None)
     attrs["absorbed_segments"] = json.dumps(absorbed)
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,11 +15,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.compact import IndexEntry, compact
-from pipeline.images import ImageDecodeError, ImageEntry, Manifest, file_digest, load_image, scan_tree
+from pipeline.images import ImageEntry, Manifest, file_digest, scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
-from pipeline.store import Rows, list_segments, parts_dir, publish_segment
+from pipeline.compute import Failure, WorkItem, compute_rows
+from pipeline.store import list_segments, parts_dir
 from pipeline.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -31,15 +30,6 @@ ProgressCallback = Callable[[int, int], None]
 
 class CacheFolderError(OSError):
     """Raised when the cache folder cannot be created or written."""
-
-
-@dataclass
-class Failure:
-    """An image that produced no row, and why."""
-
-    path: str
-    reason: str
-    digest: str = ""
 
 
 @dataclass
@@ -188,152 +178,6 @@ def plan_extraction(manifest: Manifest, snapshot: CacheSnapshot | None, workers:
     return ExtractPlan(manifest, index, todo, todo_digests, failures, conflicts, unchanged, reused)
 
 
-def _decoded(
-    entries: Sequence[ImageEntry], digests: Sequence[str], spec: FeatureSpec, workers: int, lookahead: int
-) -> Iterator[tuple[ImageEntry, str, np.ndarray | ImageDecodeError]]:
-    """Decode images on a thread pool, ``lookahead`` ahead of the consumer, in input order."""
-
-    def one(entry: ImageEntry) -> np.ndarray | ImageDecodeError:
-        try:
-            return load_image(
-                entry.abs_path,
-                spec.input_size,
-                resize=spec.resize,
-                draft=spec.jpeg_draft,
-                exif_transpose=spec.exif_transpose,
-            )
-        except ImageDecodeError as error:
-            return error
-
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
-        pending: queue.SimpleQueue[tuple[ImageEntry, str, Future[Any]]] = queue.SimpleQueue()
-        submitted = 0
-        for submitted in range(min(lookahead, len(entries))):
-            pending.put((entries[submitted], digests[submitted], pool.submit(one, entries[submitted])))
-        next_index = min(lookahead, len(entries))
-        for _ in range(len(entries)):
-            entry, digest, future = pending.get()
-            if next_index < len(entries):
-                pending.put((entries[next_index], digests[next_index], pool.submit(one, entries[next_index])))
-                next_index += 1
-            yield entry, digest, future.result()
-
-
-class _SegmentWriter:
-    """Background thread that commits finished rows as segment files, off the compute path."""
-
-    def __init__(self, cache_path: Path, spec: FeatureSpec, classes: Sequence[str], commit_rows: int) -> None:
-        self.cache_path = cache_path
-        self.spec = spec
-        self.classes = list(classes)
-        self.commit_rows = commit_rows
-        self.queue: queue.Queue[tuple[list[ImageEntry], list[str], np.ndarray] | None] = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.committed_segments = 0
-        self.committed_rows = 0
-        self._thread = threading.Thread(target=self._run, name="segment-writer", daemon=True)
-        self._thread.start()
-
-    def put(self, entries: list[ImageEntry], digests: list[str], features: np.ndarray) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((entries, digests, features))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        buffer: list[tuple[list[ImageEntry], list[str], np.ndarray]] = []
-        buffered = 0
-        while True:
-            item = self.queue.get()
-            if item is not None:
-                buffer.append(item)
-                buffered += len(item[0])
-            if buffered and (item is None or buffered >= self.commit_rows):
-                try:
-                    self._commit(buffer)
-                except BaseException as error:  # re-raised in the compute thread by put() or close()
-                    self.error = error
-                    logger.error("segment commit to %s failed: %s", parts_dir(self.cache_path), error)
-                    return
-                buffer, buffered = [], 0
-            if item is None:
-                return
-
-    def _commit(self, buffer: list[tuple[list[ImageEntry], list[str], np.ndarray]]) -> None:
-        entries = [e for part in buffer for e in part[0]]
-        rows = Rows(
-            features=np.concatenate([part[2] for part in buffer]),
-            digest=[d for part in buffer for d in part[1]],
-            path=[e.path for e in entries],
-            label=np.array([e.label for e in entries], np.int32),
-            split=[e.split for e in entries],
-            size=np.array([e.size for e in entries], np.int64),
-            mtime_ns=np.array([e.mtime_ns for e in entries], np.int64),
-            view=np.zeros(len(entries), np.int16),
-            present=np.ones(len(entries), bool),
-        )
-        publish_segment(self.cache_path, self.spec, self.classes, rows)
-        self.committed_segments += 1
-        self.committed_rows += len(rows)
-
-
-def compute_rows(
-    cache_path: Path,
-    spec: FeatureSpec,
-    classes: Sequence[str],
-    todo: Sequence[ImageEntry],
-    todo_digests: Sequence[str],
-    extractor: Callable[[np.ndarray], np.ndarray],
-    batch_size: int = 32,
-    commit_rows: int = 512,
-    decode_workers: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> tuple[list[Failure], int, int]:
-    """Run the conv base over ``todo`` and commit the rows as segments.
-
-    Returns the decode failures, the number of rows committed and of segments written.
-    """
-    workers = decode_workers or max(2, os.cpu_count() or 2)
-    writer = _SegmentWriter(cache_path, spec, classes, commit_rows)
-    failures: list[Failure] = []
-    batch: list[np.ndarray] = []
-    batch_entries: list[ImageEntry] = []
-    batch_digests: list[str] = []
-    done = 0
-
-    def flush() -> None:
-        features = extractor(np.stack(batch))
-        writer.put(list(batch_entries), list(batch_digests), features)
-        batch.clear()
-        batch_entries.clear()
-        batch_digests.clear()
-
-    try:
-        for entry, digest, image in _decoded(todo, todo_digests, spec, workers, lookahead=batch_size * 3):
-            done += 1
-            if isinstance(image, ImageDecodeError):
-                failures.append(Failure(entry.path, image.reason, digest))
-                logger.warning("skipped %s: %s", entry.path, image.reason)
-            else:
-                batch.append(image)
-                batch_entries.append(entry)
-                batch_digests.append(digest)
-                if len(batch) == batch_size:
-                    flush()
-            if progress is not None:
-                progress(done, len(todo))
-        if batch:
-            flush()
-    finally:
-        writer.close()
-    return failures, writer.committed_rows, writer.committed_segments
-
-
 def remove_stale_temporaries(cache_path: Path) -> None:
     """Delete temporary files that a killed writer left; call only while holding the lock."""
     prefix = f".{cache_path.name}.tmp-"
@@ -393,8 +237,9 @@ def extract_features(
         if plan.todo:
             extractor = extractor_factory(spec)
             built = True
+            work = [WorkItem(e, d) for e, d in zip(plan.todo, plan.todo_digests, strict=True)]
             new_failures, committed, segments = compute_rows(
-                cache_path, spec, manifest.classes, plan.todo, plan.todo_digests, extractor,
+                cache_path, spec, manifest.classes, work, extractor,
                 batch_size=batch_size, commit_rows=commit_rows, decode_workers=decode_workers, progress=progress,
             )
             failures += new_failures
@@ -407,7 +252,7 @@ def extract_features(
             ]
         rows = 0
         if not plan.unchanged:
-            rows = _publish(cache_path, spec, manifest, plan.index, failures, plan.conflicts)
+            rows = publish_cache(cache_path, spec, manifest, plan.index, failures, plan.conflicts)
         elif snapshot is not None:
             rows = len(snapshot.columns)
 
@@ -437,7 +282,7 @@ def _open_snapshot(cache_path: Path, spec: FeatureSpec) -> CacheSnapshot | None:
     return CacheSnapshot(cache_path, expected_digest=spec.digest)
 
 
-def _publish(
+def publish_cache(
     cache_path: Path,
     spec: FeatureSpec,
     manifest: Manifest,
@@ -445,6 +290,11 @@ def _publish(
     failures: Sequence[Failure],
     conflicts: list[dict[str, Any]],
 ) -> int:
+    """Compact the cache file and its segments into a new cache file ordered by ``index``.
+
+    Call only while holding the cache's :class:`~pipeline.locking.CacheLock`. Returns
+    the number of rows written.
+    """
     failed_digests = {f.digest for f in failures if f.digest}
     kept = [e for e in index if e.digest not in failed_digests]
     attrs: dict[str, Any] = {

@@ -1,0 +1,192 @@
+"""The compute path: decode on a thread pool, run the conv base, commit segments off-thread."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.images import ImageDecodeError, ImageEntry, load_image
+from pipeline.spec import FeatureSpec
+from pipeline.store import Rows, parts_dir, publish_segment
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+# Turns a work item into a (size, size, 3) uint8 image, or raises ImageDecodeError.
+DecodeFunction = Callable[["WorkItem", FeatureSpec], np.ndarray]
+
+
+@dataclass
+class Failure:
+    """An image that produced no row, and why."""
+
+    path: str
+    reason: str
+    digest: str = ""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One row to compute: an image, its content digest and its view (0 is the original)."""
+
+    entry: ImageEntry
+    digest: str
+    view: int = 0
+
+
+def decode_original(item: WorkItem, spec: FeatureSpec) -> np.ndarray:
+    """Decode and resize an image as the spec says, without augmentation."""
+    return load_image(
+        item.entry.abs_path,
+        spec.input_size,
+        resize=spec.resize,
+        draft=spec.jpeg_draft,
+        exif_transpose=spec.exif_transpose,
+    )
+
+
+def _decoded(
+    items: Sequence[WorkItem], spec: FeatureSpec, decode: DecodeFunction, workers: int, lookahead: int
+) -> Iterator[tuple[WorkItem, np.ndarray | ImageDecodeError]]:
+    """Decode work items on a thread pool, ``lookahead`` ahead of the consumer, in input order."""
+
+    def one(item: WorkItem) -> np.ndarray | ImageDecodeError:
+        try:
+            return decode(item, spec)
+        except ImageDecodeError as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        pending: queue.SimpleQueue[tuple[WorkItem, Future[Any]]] = queue.SimpleQueue()
+        ahead = min(lookahead, len(items))
+        for k in range(ahead):
+            pending.put((items[k], pool.submit(one, items[k])))
+        for k in range(len(items)):
+            item, future = pending.get()
+            if k + ahead < len(items):
+                pending.put((items[k + ahead], pool.submit(one, items[k + ahead])))
+            yield item, future.result()
+
+
+class _SegmentWriter:
+    """Background thread that commits finished rows as segment files, off the compute path."""
+
+    def __init__(self, cache_path: Path, spec: FeatureSpec, classes: Sequence[str], commit_rows: int) -> None:
+        self.cache_path = cache_path
+        self.spec = spec
+        self.classes = list(classes)
+        self.commit_rows = commit_rows
+        self.queue: queue.Queue[tuple[list[WorkItem], np.ndarray] | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.committed_segments = 0
+        self.committed_rows = 0
+        self._thread = threading.Thread(target=self._run, name="segment-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, items: list[WorkItem], features: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((items, features))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        buffer: list[tuple[list[WorkItem], np.ndarray]] = []
+        buffered = 0
+        while True:
+            item = self.queue.get()
+            if item is not None:
+                buffer.append(item)
+                buffered += len(item[0])
+            if buffered and (item is None or buffered >= self.commit_rows):
+                try:
+                    self._commit(buffer)
+                except BaseException as error:  # re-raised in the compute thread by put() or close()
+                    self.error = error
+                    logger.error("segment commit to %s failed: %s", parts_dir(self.cache_path), error)
+                    return
+                buffer, buffered = [], 0
+            if item is None:
+                return
+
+    def _commit(self, buffer: list[tuple[list[WorkItem], np.ndarray]]) -> None:
+        items = [item for part in buffer for item in part[0]]
+        entries = [item.entry for item in items]
+        rows = Rows(
+            features=np.concatenate([part[1] for part in buffer]),
+            digest=[item.digest for item in items],
+            path=[e.path for e in entries],
+            label=np.array([e.label for e in entries], np.int32),
+            split=[e.split for e in entries],
+            size=np.array([e.size for e in entries], np.int64),
+            mtime_ns=np.array([e.mtime_ns for e in entries], np.int64),
+            view=np.array([item.view for item in items], np.int16),
+            present=np.ones(len(entries), bool),
+        )
+        publish_segment(self.cache_path, self.spec, self.classes, rows)
+        self.committed_segments += 1
+        self.committed_rows += len(rows)
+
+
+def compute_rows(
+    cache_path: Path,
+    spec: FeatureSpec,
+    classes: Sequence[str],
+    work: Sequence[WorkItem],
+    extractor: Callable[[np.ndarray], np.ndarray],
+    batch_size: int = 32,
+    commit_rows: int = 512,
+    decode_workers: int | None = None,
+    progress: ProgressCallback | None = None,
+    decode: DecodeFunction = decode_original,
+) -> tuple[list[Failure], int, int]:
+    """Run the conv base over ``work`` and commit the rows as segments.
+
+    Returns the decode failures, the number of rows committed and of segments written.
+    """
+    workers = decode_workers or max(2, os.cpu_count() or 2)
+    writer = _SegmentWriter(cache_path, spec, classes, commit_rows)
+    failures: list[Failure] = []
+    batch: list[np.ndarray] = []
+    batch_items: list[WorkItem] = []
+    done = 0
+
+    def flush() -> None:
+        features = extractor(np.stack(batch))
+        writer.put(list(batch_items), features)
+        batch.clear()
+        batch_items.clear()
+
+    try:
+        for item, image in _decoded(work, spec, decode, workers, lookahead=batch_size * 3):
+            done += 1
+            if isinstance(image, ImageDecodeError):
+                failures.append(Failure(item.entry.path, image.reason, item.digest))
+                logger.warning("skipped %s: %s", item.entry.path, image.reason)
+            else:
+                batch.append(image)
+                batch_items.append(item)
+                if len(batch) == batch_size:
+                    flush()
+            if progress is not None:
+                progress(done, len(work))
+        if batch:
+            flush()
+    finally:
+        writer.close()
+    return failures, writer.committed_rows, writer.committed_segments
+
+
