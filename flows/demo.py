@@ -21,6 +21,7 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
 from prefect import flow, get_run_logger  # noqa: E402
 
 DEFAULT_DATA = Path("data/images/cats_vs_dogs")
+SPLIT_ORDER = ["train", "validation", "test"]
 SAMPLE_FILE = "cats_and_dogs_filtered.zip"
 SAMPLE_ORIGIN = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 
@@ -61,7 +62,8 @@ def results_table(outcome: dict[str, Any]) -> str:
         f"{'head':<8}{'split':<12}{'accuracy':>9}{'n':>6}",
     ]
     for result in outcome["heads"]:
-        for split, metrics in result["metrics"].items():
+        for split in sorted(result["metrics"], key=SPLIT_ORDER.index):
+            metrics = result["metrics"][split]
             lines.append(f"{result['head']:<8}{split:<12}{metrics['accuracy']:>9.4f}{metrics['n']:>6}")
     return "\n".join(lines)
 
