@@ -14,10 +14,18 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.spec import FeatureSpec
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+# pipeline code also logs outside flow runs (for example while the CLI validates settings).
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# Without PREFECT_API_URL a flow run starts a temporary local server, which would otherwise
+# try to send anonymous usage data at startup.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 DEFAULT_CACHE_DIR = "data/cache"
 DEFAULT_MODELS_DIR = "data/models"
@@ -30,6 +38,7 @@ class CommandError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.bases import UnknownBaseError
+    from pipeline.dataset import DatasetError
     from pipeline.extract import CacheFolderError
     from pipeline.heads import HeadError
     from pipeline.images import DataFolderError
@@ -38,7 +47,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.store import CacheFileError
 
     return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
-            SpecError, CacheFileError, FileNotFoundError, PermissionError)
+            SpecError, CacheFileError, DatasetError, FileNotFoundError, PermissionError)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -85,11 +94,17 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from pipeline.store import read_header
 
     spec = spec_from_args(args)
+    if args.batch_size < 1:
+        raise CommandError(f"invalid batch size {args.batch_size}; pass --batch-size 1 or more")
     scan_tree(args.data_dir)
-    cache_dir = Path(args.cache_dir)
+    cache_dir = Path(args.cache_dir).expanduser()
+    cache_file = cache_dir / spec.cache_name
+    if cache_file.exists():
+        read_header(cache_file, expected_digest=spec.digest)
+    elif spec.layer:
+        # An existing cache proves the layer exists, so only a new cache pays for building the base here.
+        _check_layer(spec)
     check_cache_dir(cache_dir)
-    if (cache_dir / spec.cache_name).exists():
-        read_header(cache_dir / spec.cache_name, expected_digest=spec.digest)
 
     from flows.extract import extract_flow
 
@@ -99,6 +114,19 @@ def cmd_extract(args: argparse.Namespace) -> int:
     )
     _print(summary, args.json, _human_extract)
     return 0
+
+
+def _check_layer(spec: FeatureSpec) -> None:
+    """Raise SpecError unless the spec's base has a layer named ``spec.layer``."""
+    from pipeline.layers import list_layers
+    from pipeline.spec import SpecError
+
+    names = [layer["name"] for layer in list_layers(spec.base, spec.input_size, spec.alpha)]
+    if spec.layer not in names:
+        raise SpecError(
+            f"layer {spec.layer!r} not found in {spec.base}; valid layers: {', '.join(names)}. "
+            f"Run 'convcache layers {spec.base}' to see their output shapes."
+        )
 
 
 def _human_extract(s: dict[str, Any]) -> str:
@@ -115,6 +143,7 @@ def _human_extract(s: dict[str, Any]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.dataset import check_dataset
     from pipeline.heads import HEAD_NAMES, make_head
     from pipeline.store import read_header
 
@@ -123,6 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     read_header(args.cache_file)
     if args.head not in HEAD_NAMES:
         make_head(args.head, 2)  # raises HeadError naming the valid heads
+    check_dataset(args.cache_file, use_views=args.use_views, random_state=args.seed)
 
     from flows.train import train_flow
 
@@ -146,6 +176,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _, meta = load_head(args.model_path)
     check_base(meta, args.base, args.weights)
     collect_images(args.images)
+    # NOTE: a missing weights file is only detected inside the flow, once an image turns out not to be
+    # cached, so Prefect logs its traceback before the one-line error.
 
     from flows.predict import predict_flow
 

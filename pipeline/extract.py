@@ -120,6 +120,8 @@ def plan_extraction(manifest: Manifest, snapshot: CacheSnapshot | None, workers:
     to_hash: list[int] = []
     for i, entry in enumerate(manifest.entries):
         known = known_by_path.get(entry.path)
+        # NOTE: two files of equal size and mtime_ns that swap paths (same-sized BMPs unpacked from one
+        # archive, say) keep their old digests. Change detection by size and mtime cannot see that.
         if known is not None and known[0] == entry.size and known[1] == entry.mtime_ns:
             digests.append(known[2])
         else:
@@ -168,14 +170,19 @@ def plan_extraction(manifest: Manifest, snapshot: CacheSnapshot | None, workers:
             if cols.present[i] and cols.view[i] == 0
         }
         current = {(e.path, e.label, e.split, e.size, e.mtime_ns, e.digest) for e in index}
-        stored_classes = snapshot.classes
         stored_failed = json.loads(str(snapshot.attrs.get("failed", "[]")))
+        # A moved tree has the same rows but a new data_root, which must be published.
         unchanged = (
             stored == current
-            and stored_classes == manifest.classes
-            and stored_failed == [asdict(f) for f in failures]
+            and snapshot.classes == manifest.classes
+            and _sorted_failures(stored_failed) == _sorted_failures([asdict(f) for f in failures])
+            and str(snapshot.attrs.get("data_root", "")) == str(manifest.root)
         )
     return ExtractPlan(manifest, index, todo, todo_digests, failures, conflicts, unchanged, reused)
+
+
+def _sorted_failures(failures: list[dict[str, str]]) -> list[tuple[str, str, str]]:
+    return sorted((f.get("path", ""), f.get("reason", ""), f.get("digest", "")) for f in failures)
 
 
 def remove_stale_temporaries(cache_path: Path) -> None:
@@ -210,7 +217,7 @@ def extract_features(
     started = time.perf_counter()
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
-    cache_dir = Path(cache_dir)
+    cache_dir = Path(cache_dir).expanduser()
     manifest = scan_tree(data_dir)
     check_cache_dir(cache_dir)
     cache_path = cache_dir / spec.cache_name

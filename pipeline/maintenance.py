@@ -39,7 +39,6 @@ def describe_cache(cache_path: str | os.PathLike[str]) -> dict[str, Any]:
         views = int((cols.view > 0).sum())
         absent = int((~cols.present).sum())
         attrs = snapshot.attrs
-        segment_bytes = sum(p.stat().st_size for p in snapshot.segment_paths)
         return {
             "cache": str(path),
             "spec": json.loads(snapshot.spec.to_json()),
@@ -54,7 +53,7 @@ def describe_cache(cache_path: str | os.PathLike[str]) -> dict[str, Any]:
             "failed": len(json.loads(str(attrs.get("failed", "[]")))),
             "conflicts": len(json.loads(str(attrs.get("conflicts", "[]")))),
             "pending_segments": len(snapshot.segment_paths),
-            "file_bytes": path.stat().st_size + segment_bytes,
+            "file_bytes": snapshot.file_bytes,  # measured at open: a compaction may delete segments
             "data_root": str(attrs.get("data_root", "")),
             "written_at": str(attrs.get("written_at", "")),
             "library_versions": json.loads(str(attrs.get("library_versions", "{}"))),
@@ -73,6 +72,8 @@ def prune_cache(
     ``convcache extract`` for that.
     """
     path = Path(cache_path)
+    if not path.exists():
+        raise FileNotFoundError(f"cache file not found: {path}. Check the path, or run 'convcache extract' first.")
     header = read_header(path)
     manifest = scan_tree(data_dir)
     with CacheLock(path, timeout=lock_timeout, enabled=use_lock):
@@ -86,7 +87,8 @@ def prune_cache(
                 "data_root": str(manifest.root),
                 "library_versions": library_versions(),
             }
-            index = [e for e in plan.index if e.digest not in set(plan.todo_digests)]
+            not_cached = set(plan.todo_digests)
+            index = [e for e in plan.index if e.digest not in not_cached]
             after = compact(path, header.spec, snapshot, index, manifest.classes, attrs, prune=True)
     logger.info("pruned %s: %d rows before, %d after", path, before, after)
     return {"cache": str(path), "rows_before": before, "rows_after": after, "removed": before - after,

@@ -13,7 +13,7 @@ import numpy as np
 from pipeline.heads import HeadError, load_head
 from pipeline.images import IMAGE_SUFFIXES, ImageDecodeError, file_digest, load_image
 from pipeline.snapshot import CacheSnapshot
-from pipeline.spec import FeatureSpec, SpecError, make_spec
+from pipeline.spec import FeatureSpec, SpecError, make_spec, resolve_weights, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,34 @@ def check_base(meta: dict[str, Any], base: str | None, weights: str | None) -> F
     return spec
 
 
+def head_weights_path(spec: FeatureSpec, weights: str | None = None) -> str | None:
+    """Return the weights file to run the head's conv base with, or None for random weights.
+
+    ``weights`` overrides where the head's own weights label points, which matters once
+    that file has moved. The file must hash to the head's ``weights_digest``.
+
+    Raises
+    ------
+    SpecError
+        When the file is missing or contains other weights than the head was trained on.
+    """
+    if spec.weights_digest == "none":
+        return None
+    if weights is None and spec.weights not in ("imagenet", "none") and not Path(spec.weights).is_file():
+        raise SpecError(
+            f"the weights file this head was trained on is missing: {spec.weights!r}. "
+            f"Pass --weights PATH to a copy of that file (sha256 {spec.weights_digest[:12]}...)."
+        )
+    source = weights if weights is not None else spec.weights
+    path = resolve_weights(spec.base, source, spec.alpha, spec.input_size)
+    if path is None or sha256_file(path) != spec.weights_digest:
+        raise SpecError(
+            f"weights {source!r} differ from the weights this head was trained on "
+            f"(sha256 {spec.weights_digest[:12]}...). Pass --weights PATH to a copy of the original file."
+        )
+    return path
+
+
 def predict_images(
     model_path: str | os.PathLike[str],
     inputs: Sequence[str | os.PathLike[str]],
@@ -90,7 +118,7 @@ def predict_images(
     if missing:
         from pipeline.extractor import FeatureExtractor
 
-        extractor = FeatureExtractor(spec)
+        extractor = FeatureExtractor(spec, weights_path=head_weights_path(spec, weights))
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             images, kept = [], []
@@ -120,4 +148,4 @@ def predict_images(
     return results
 
 
-__all__ = ["HeadError", "collect_images", "predict_images"]
+__all__ = ["HeadError", "collect_images", "head_weights_path", "predict_images"]

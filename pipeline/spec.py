@@ -146,7 +146,8 @@ def make_spec(
         weights_digest = "none"
     else:
         weights_digest = sha256_file(weights_path)
-    label = weights if weights in ("imagenet", "none") else str(Path(weights).resolve())
+    # resolve_weights expanded "~" and resolved the path, so a path label always points at the file read.
+    label = weights if weights in ("imagenet", "none") or weights_path is None else weights_path
     return FeatureSpec(
         base=base,
         weights=label,

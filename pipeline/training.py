@@ -48,7 +48,7 @@ def train_head(
     fit_seconds = time.perf_counter() - started
     metrics = {name: split_metrics(head, split.features, split.labels, len(data.classes))
                for name, split in data.splits.items()}
-    folder = Path(models_dir) / model_folder_name(data.cache_path, head_name)
+    folder = Path(models_dir).expanduser() / model_folder_name(data.cache_path, head_name)
     save_head(
         head,
         folder,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The temporary Prefect server must not try to send usage data: the test machines are offline.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 REPO = Path(__file__).resolve().parents[1]
 # Real photos and weights live beside the repository; tests that need them skip without them.
@@ -27,6 +31,19 @@ def _require(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path}; the real-data tests need it")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _absl_logs_to_real_stderr() -> None:
+    """Keep absl's log handler off pytest's captured stderr.
+
+    Prefect reconfigures logging when a flow starts, which closes absl's handler; when
+    that handler wrote to a captured stream, the capture closes with it and later tests
+    fail with "I/O operation on closed file".
+    """
+    from absl import logging as absl_logging
+
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 @pytest.fixture(scope="session", autouse=True)
