@@ -44,10 +44,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.images import DataFolderError
     from pipeline.locking import CacheLockError
     from pipeline.spec import SpecError
-    from pipeline.store import CacheFileError
+    from pipeline.store import CacheFileError, CacheWriteError
 
     return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
-            SpecError, CacheFileError, DatasetError, FileNotFoundError, PermissionError)
+            SpecError, CacheFileError, CacheWriteError, DatasetError, FileNotFoundError, PermissionError)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:

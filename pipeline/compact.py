@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
-from pipeline.store import Rows, write_table
+from pipeline.store import Rows, list_segments, parts_dir, write_table
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +90,14 @@ def compact(
 
     Rows of the index come first, in scan order; rows of images that left the tree
     follow with ``present`` false (dropped when ``prune``). The names of the segments
-    read are stored in ``absorbed_segments`` so readers skip them until they are deleted.
-    Returns the number of rows written.
+    read, and of segments an earlier compaction absorbed but did not delete, are stored
+    in ``absorbed_segments`` so readers skip them until they are deleted, which happens
+    only after the new file is published. Returns the number of rows written.
     """
     sources, owners = plan_rows(snapshot, index, classes, prune)
     if snapshot is not None and snapshot.sources:
         feature_shape = snapshot.feature_shape
-        absorbed = [p.name for p in snapshot.segment_paths]
+        absorbed = [p.name for p in snapshot.segment_paths] + _leftover_segments(cache_path, snapshot)
     else:
         feature_shape = tuple(attrs.pop("feature_shape_hint", (0,)))
         absorbed = []
@@ -136,6 +137,18 @@ def compact(
 
     write_table(cache_path, spec, classes, blocks(), len(sources), tuple(feature_shape), attrs)
     logger.info("published %s with %d rows (%d segments absorbed)", cache_path, len(sources), len(absorbed))
+    folder = parts_dir(cache_path)
     for name in absorbed:
-        (Path(str(cache_path) + ".parts") / name).unlink(missing_ok=True)
+        (folder / name).unlink(missing_ok=True)
     return len(sources)
+
+
+def _leftover_segments(cache_path: Path, snapshot: CacheSnapshot) -> list[str]:
+    """Return segments that the current cache file absorbed but a killed run did not delete.
+
+    They stay listed in the next file's ``absorbed_segments`` until they are gone,
+    because readers would count their rows twice once no cache file lists them.
+    """
+    listed = json.loads(str(snapshot.attrs.get("absorbed_segments", "[]")))
+    on_disk = {p.name for p in list_segments(cache_path)}
+    return [name for name in listed if name in on_disk]

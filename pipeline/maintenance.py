@@ -15,7 +15,7 @@ from pipeline.extract import plan_extraction, remove_stale_temporaries
 from pipeline.images import scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
-from pipeline.store import parts_dir, read_header
+from pipeline.store import list_segments, parts_dir, read_header
 from pipeline.versions import library_versions
 
 logger = logging.getLogger(__name__)
@@ -24,9 +24,11 @@ logger = logging.getLogger(__name__)
 def describe_cache(cache_path: str | os.PathLike[str]) -> dict[str, Any]:
     """Summarise a cache: spec, rows per split and class, failures, size and writer versions."""
     path = Path(cache_path)
-    if not path.exists():
+    first_run = not path.exists() and bool(list_segments(path))
+    if not path.exists() and not first_run:
         raise FileNotFoundError(f"cache file not found: {path}. Run 'convcache extract' first, or check the path.")
-    read_header(path)  # rejects files that are not ours before anything else
+    if not first_run:
+        read_header(path)  # rejects files that are not ours before anything else
     with CacheSnapshot(path) as snapshot:
         cols = snapshot.columns
         present = snapshot.select(split=None, present_only=True, views=False)

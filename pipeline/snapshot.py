@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 
 from pipeline.spec import FeatureSpec
-from pipeline.store import CacheFileError, Rows, _header_of, list_segments, read_columns
+from pipeline.store import CacheFileError, CacheHeader, Rows, _header_of, list_segments, open_table, read_columns
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,7 @@ class _Source:
     handle: h5py.File
     offset: int
     n_rows: int
+    n_bytes: int
 
 
 class CacheSnapshot:
@@ -41,6 +42,7 @@ class CacheSnapshot:
 
     def __init__(self, cache_path: str | os.PathLike[str], expected_digest: str | None = None) -> None:
         self.path = Path(cache_path)
+        self.sources: list[_Source] = []
         for attempt in range(OPEN_RETRIES):
             try:
                 self._open(expected_digest)
@@ -48,44 +50,37 @@ class CacheSnapshot:
             except _Changed:
                 self.close()
                 logger.debug("cache %s changed while opening; retry %d", self.path, attempt + 1)
-        raise CacheFileError(f"{self.path} kept changing while it was opened; try again")
+            except BaseException:
+                self.close()
+                raise
+        raise CacheFileError(
+            f"{self.path} was replaced {OPEN_RETRIES} times while it was being opened; try again, "
+            "or stop the other writer (extract or prune) first."
+        )
 
     def _open(self, expected_digest: str | None) -> None:
-        self.sources: list[_Source] = []
+        """Open the cache file and its pending segments, or raise ``_Changed`` on a concurrent compaction.
+
+        A compaction publishes the new cache file before it deletes the segments it absorbed.
+        So the set read here is consistent when the cache file is the same file (same inode
+        and modification time), or still absent, before and after the segments are listed.
+        """
+        self.sources = []
         self.spec: FeatureSpec | None = None
         self.attrs: dict[str, object] = {}
         headers = []
-        main_stat = None
         absorbed: set[str] = set()
-        if self.path.exists():
-            if not h5py.is_hdf5(self.path):
-                raise CacheFileError(
-                    f"{self.path} is not an HDF5 file, so it is not a convcache cache. "
-                    "Pass a file written by 'convcache extract', or move this file out of the cache folder."
-                )
-            main_stat = os.stat(self.path)
-            handle = h5py.File(self.path, "r", locking=False)
-            self.sources.append(_Source(self.path, handle, 0, 0))
-            header = _header_of(handle, self.path, expected_digest)
+        main_identity = _identity(self.path)
+        if main_identity is not None:
+            header = self._add_source(self.path, expected_digest)
             headers.append(header)
             self.attrs = header.attrs
             absorbed = set(json.loads(str(header.attrs.get("absorbed_segments", "[]"))))
         for segment in list_segments(self.path):
-            if segment.name in absorbed:
-                continue
-            try:
-                handle = h5py.File(segment, "r", locking=False)
-            except FileNotFoundError as error:
-                raise _Changed from error
-            self.sources.append(_Source(segment, handle, 0, 0))
-            headers.append(_header_of(handle, segment, expected_digest))
-        if main_stat is not None:
-            try:
-                now = os.stat(self.path)
-            except FileNotFoundError as error:
-                raise _Changed from error
-            if (now.st_ino, now.st_mtime_ns) != (main_stat.st_ino, main_stat.st_mtime_ns):
-                raise _Changed
+            if segment.name not in absorbed:
+                headers.append(self._add_source(segment, expected_digest))
+        if _identity(self.path) != main_identity:
+            raise _Changed
         if not headers:
             raise FileNotFoundError(f"cache file not found: {self.path}. Run 'convcache extract' first.")
 
@@ -97,14 +92,25 @@ class CacheSnapshot:
         for source, header in zip(self.sources, headers, strict=True):
             columns = read_columns(source.handle)
             remap = np.array([self.classes.index(name) for name in header.classes] or [0], dtype=np.int32)
-            columns.label = remap[columns.label] if len(columns) else columns.label
+            if len(columns):
+                # Label -1 marks a row whose class left the tree; it must not index the last class.
+                columns.label = np.where(columns.label >= 0, remap[np.maximum(columns.label, 0)], -1).astype(np.int32)
             if source.path != self.path:
                 columns.present = np.ones(len(columns), bool)
             source.offset, source.n_rows = offset, len(columns)
             offset += len(columns)
             parts.append(columns)
         self.columns = _concat(parts)
-        self.main_rows = self.sources[0].n_rows if main_stat is not None else 0
+        self.main_rows = self.sources[0].n_rows if main_identity is not None else 0
+
+    def _add_source(self, path: Path, expected_digest: str | None) -> CacheHeader:
+        try:
+            handle = open_table(path)
+        except FileNotFoundError as error:
+            raise _Changed from error  # a compaction deleted it after it was listed
+        source = _Source(path, handle, 0, 0, os.fstat(handle.id.get_vfd_handle()).st_size)
+        self.sources.append(source)
+        return _header_of(handle, path, expected_digest)
 
     def __enter__(self) -> CacheSnapshot:
         return self
@@ -117,6 +123,11 @@ class CacheSnapshot:
         for source in getattr(self, "sources", []):
             source.handle.close()
         self.sources = []
+
+    @property
+    def file_bytes(self) -> int:
+        """Size in bytes of the cache file and the segments of this snapshot, measured when opened."""
+        return sum(source.n_bytes for source in self.sources)
 
     @property
     def segment_paths(self) -> list[Path]:
@@ -176,6 +187,14 @@ class CacheSnapshot:
 
 class _Changed(Exception):
     """Internal: the cache file was replaced while the snapshot was being opened."""
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_mtime_ns)
 
 
 def _concat(parts: list[Rows]) -> Rows:

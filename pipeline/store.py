@@ -16,6 +16,7 @@ Readers take no lock: they see the published cache file plus the published segme
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -39,12 +40,27 @@ PARTS_SUFFIX = ".parts"
 # Rows per HDF5 chunk along the first axis: large enough for fast sequential reads,
 # small enough that reading one row does not decode megabytes.
 CHUNK_BYTES = 1 << 20
+# HDF5 filters of the features dataset, as h5py create_dataset keyword arguments.
+FEATURE_FILTERS: dict[str, Any] = {}
 COLUMN_NAMES = ("digest", "path", "label", "split", "size", "mtime_ns", "view", "present")
 STRING = h5py.string_dtype("utf-8")
+# Remedies for the write errors that mean no room is left.
+_REMEDIES = {
+    errno.ENOSPC: "Free disk space in that folder",
+    errno.EDQUOT: "Free space or raise your disk quota",
+    errno.EFBIG: "Raise the file-size limit of the process (ulimit -f)",
+}
 
 
 class CacheFileError(ValueError):
     """Raised for a file that is not a convcache cache, or not one this version can use."""
+
+
+class CacheWriteError(OSError):
+    """Raised when a cache or segment file cannot be written, for example on a full disk.
+
+    ``errno`` is the operating system's error number (``errno.ENOSPC`` for a full disk).
+    """
 
 
 @dataclass
@@ -109,6 +125,91 @@ def _chunk_rows(feature_shape: tuple[int, ...], itemsize: int) -> int:
     return int(max(1, min(4096, CHUNK_BYTES // row_bytes)))
 
 
+class _LatchingFile:
+    """File object for h5py's ``fileobj`` driver that keeps operating-system write errors away from HDF5.
+
+    With HDF5 1.14.6 and h5py 3.14, a failed write leaves HDF5 objects whose teardown
+    crashes the interpreter with SIGSEGV (reproduced with writes failing on EFBIG under
+    ``RLIMIT_FSIZE``). This object records the first ``OSError`` instead, drops later
+    writes and reports success, so HDF5 closes cleanly and :func:`write_table` raises
+    the recorded error. Reads of dropped ranges return zeros; the file is deleted anyway.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        self.position = 0
+        self.error: OSError | None = None
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if whence == os.SEEK_SET:
+            self.position = offset
+        elif whence == os.SEEK_CUR:
+            self.position += offset
+        else:
+            self.position = os.fstat(self.fd).st_size + offset
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = max(0, os.fstat(self.fd).st_size - self.position)
+        data = os.pread(self.fd, size, self.position)
+        self.position += size
+        return data + bytes(size - len(data))
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                written = 0
+                while written < len(view):
+                    written += os.pwrite(self.fd, view[written:], self.position + written)
+            except OSError as error:
+                self.error = error
+        self.position += len(view)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.position if size is None else size
+        if self.error is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as error:
+                self.error = error
+        return size
+
+    def flush(self) -> None:
+        """Do nothing: :func:`write_table` calls ``fsync`` once HDF5 has closed the file."""
+
+    def check(self) -> None:
+        """Raise the first write error, if there was one."""
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_error(path: Path, error: OSError, published: bool) -> CacheWriteError:
+    reason = error.strerror or str(error)
+    if published:
+        return CacheWriteError(
+            error.errno,
+            f"wrote {path} but could not flush its folder to disk ({reason}); a power loss now could undo "
+            "the last commit. Check the disk, then run the command again.",
+        )
+    remedy = _REMEDIES.get(error.errno or 0, "Fix the cause")
+    return CacheWriteError(
+        error.errno,
+        f"could not write {path} ({reason}). Nothing was published: the cache file and every committed "
+        f"segment are unchanged. {remedy}, then run the extraction again; it computes only the missing rows.",
+    )
+
+
 def write_table(
     path: Path,
     spec: FeatureSpec,
@@ -121,65 +222,106 @@ def write_table(
     """Write a complete cache or segment file atomically.
 
     The rows are streamed from ``rows_iter`` into a temporary file in the same folder,
-    which is flushed, ``fsync``-ed and renamed onto ``path``. A failure at any point
-    (including a full disk) removes the temporary file and leaves ``path`` untouched.
+    which is flushed, ``fsync``-ed and renamed onto ``path``, and the folder is
+    ``fsync``-ed. A failure before the rename (including a full disk) removes the
+    temporary file and leaves ``path`` untouched.
+
+    Raises
+    ------
+    CacheWriteError
+        When the operating system fails a write, ``fsync`` or rename; ``errno`` is kept.
     """
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
-    dtype = np.dtype(spec.store_dtype)
+    sink: _LatchingFile | None = None
+    published = False
     try:
-        with h5py.File(tmp, "w-", libver="latest") as handle:
-            handle.attrs["format"] = FORMAT_NAME
-            handle.attrs["schema_version"] = SCHEMA_VERSION
-            handle.attrs["spec"] = spec.to_json()
-            handle.attrs["spec_digest"] = spec.digest
-            handle.attrs["classes"] = json.dumps(list(classes))
-            handle.attrs["feature_shape"] = json.dumps(list(feature_shape))
-            handle.attrs["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            for key, value in (attrs or {}).items():
-                handle.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
-            chunk = _chunk_rows(feature_shape, dtype.itemsize)
-            features = handle.create_dataset(
-                "features",
-                shape=(total_rows, *feature_shape),
-                dtype=dtype,
-                chunks=(max(1, min(chunk, total_rows or 1)), *feature_shape),
-            )
-            columns = {
-                "digest": handle.create_dataset("digest", (total_rows,), dtype="S32"),
-                "path": handle.create_dataset("path", (total_rows,), dtype=STRING),
-                "label": handle.create_dataset("label", (total_rows,), dtype=np.int32),
-                "split": handle.create_dataset("split", (total_rows,), dtype=STRING),
-                "size": handle.create_dataset("size", (total_rows,), dtype=np.int64),
-                "mtime_ns": handle.create_dataset("mtime_ns", (total_rows,), dtype=np.int64),
-                "view": handle.create_dataset("view", (total_rows,), dtype=np.int16),
-                "present": handle.create_dataset("present", (total_rows,), dtype=bool),
-            }
-            start = 0
-            for block in rows_iter:
-                stop = start + len(block)
-                if stop > total_rows:
-                    raise RuntimeError(f"row stream holds more than the {total_rows} rows announced")
-                if len(block):
-                    features[start:stop] = block.features.astype(dtype, copy=False)
-                    columns["digest"][start:stop] = np.array(block.digest, dtype="S32")
-                    columns["path"][start:stop] = block.path
-                    columns["label"][start:stop] = block.label
-                    columns["split"][start:stop] = block.split
-                    columns["size"][start:stop] = block.size
-                    columns["mtime_ns"][start:stop] = block.mtime_ns
-                    columns["view"][start:stop] = block.view
-                    columns["present"][start:stop] = block.present
-                start = stop
-            if start != total_rows:
-                raise RuntimeError(f"row stream held {start} rows, {total_rows} announced")
-            handle.flush()
-        with open(tmp, "rb+") as raw:
-            os.fsync(raw.fileno())
+        sink = _LatchingFile(tmp)
+        with h5py.File(sink, "w", libver="latest") as handle:
+            _fill_table(handle, sink, spec, classes, rows_iter, total_rows, feature_shape, attrs)
+        sink.check()
+        os.fsync(sink.fd)
+        sink.close()
         os.replace(tmp, path)
+        published = True
         _fsync_dir(path.parent)
+    except OSError as error:
+        if not published:
+            _discard(sink, tmp)
+        if isinstance(error, CacheWriteError):
+            raise
+        raise _write_error(path, error, published) from error
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(sink, tmp)
         raise
+
+
+def _discard(sink: _LatchingFile | None, tmp: Path) -> None:
+    if sink is not None:
+        sink.close()
+    tmp.unlink(missing_ok=True)
+
+
+def _fill_table(
+    handle: h5py.File,
+    sink: _LatchingFile,
+    spec: FeatureSpec,
+    classes: Sequence[str],
+    rows_iter: Iterator[Rows],
+    total_rows: int,
+    feature_shape: tuple[int, ...],
+    attrs: dict[str, Any] | None,
+) -> None:
+    dtype = np.dtype(spec.store_dtype)
+    handle.attrs["format"] = FORMAT_NAME
+    handle.attrs["schema_version"] = SCHEMA_VERSION
+    handle.attrs["spec"] = spec.to_json()
+    handle.attrs["spec_digest"] = spec.digest
+    handle.attrs["classes"] = json.dumps(list(classes))
+    handle.attrs["feature_shape"] = json.dumps(list(feature_shape))
+    handle.attrs["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    for key, value in (attrs or {}).items():
+        handle.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+
+    chunk = _chunk_rows(feature_shape, dtype.itemsize)
+    features = handle.create_dataset(
+        "features",
+        shape=(total_rows, *feature_shape),
+        dtype=dtype,
+        chunks=(max(1, min(chunk, total_rows or 1)), *feature_shape),
+        **FEATURE_FILTERS,
+    )
+    columns = {
+        "digest": handle.create_dataset("digest", (total_rows,), dtype="S32"),
+        "path": handle.create_dataset("path", (total_rows,), dtype=STRING),
+        "label": handle.create_dataset("label", (total_rows,), dtype=np.int32),
+        "split": handle.create_dataset("split", (total_rows,), dtype=STRING),
+        "size": handle.create_dataset("size", (total_rows,), dtype=np.int64),
+        "mtime_ns": handle.create_dataset("mtime_ns", (total_rows,), dtype=np.int64),
+        "view": handle.create_dataset("view", (total_rows,), dtype=np.int16),
+        "present": handle.create_dataset("present", (total_rows,), dtype=bool),
+    }
+
+    start = 0
+    for block in rows_iter:
+        stop = start + len(block)
+        if stop > total_rows:
+            raise RuntimeError(f"row stream holds more than the {total_rows} rows announced")
+        if len(block):
+            features[start:stop] = block.features.astype(dtype, copy=False)
+            columns["digest"][start:stop] = np.array(block.digest, dtype="S32")
+            columns["path"][start:stop] = block.path
+            columns["label"][start:stop] = block.label
+            columns["split"][start:stop] = block.split
+            columns["size"][start:stop] = block.size
+            columns["mtime_ns"][start:stop] = block.mtime_ns
+            columns["view"][start:stop] = block.view
+            columns["present"][start:stop] = block.present
+        # Stop at the first failed write; the close that follows only writes metadata.
+        sink.check()
+        start = stop
+    if start != total_rows:
+        raise RuntimeError(f"row stream held {start} rows, {total_rows} announced")
+    handle.flush()
 
 
 def read_header(path: str | os.PathLike[str], expected_digest: str | None = None) -> CacheHeader:
@@ -187,18 +329,44 @@ def read_header(path: str | os.PathLike[str], expected_digest: str | None = None
 
     Raises
     ------
+    FileNotFoundError
+        When ``path`` does not exist.
     CacheFileError
-        When the file is not HDF5, not a convcache file, written by a newer schema
-        version, or (with ``expected_digest``) belongs to another feature spec.
+        When the file is not HDF5, not a convcache file, damaged, written by a newer
+        schema version, or (with ``expected_digest``) belongs to another feature spec.
     """
     path = Path(path)
-    if not h5py.is_hdf5(path):
-        raise CacheFileError(
-            f"{path} is not an HDF5 file, so it is not a convcache cache. "
-            "Pass a file written by 'convcache extract', or move this file out of the cache folder."
-        )
-    with h5py.File(path, "r", locking=False) as handle:
+    handle = open_table(path)
+    with handle:
         return _header_of(handle, path, expected_digest)
+
+
+def open_table(path: Path) -> h5py.File:
+    """Open a cache or segment file read-only, without HDF5 file locking.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist (a compaction may just have deleted a segment).
+    CacheFileError
+        For a file that is not HDF5, or that HDF5 cannot open.
+    """
+    try:
+        # Readers take no lock: a published file is never written again.
+        return h5py.File(path, "r", locking=False)
+    except OSError as error:
+        if not path.exists():
+            raise FileNotFoundError(
+                f"cache file not found: {path}. Run 'convcache extract' first, or check the path."
+            ) from error
+        if not h5py.is_hdf5(path):
+            raise CacheFileError(
+                f"{path} is not an HDF5 file, so it is not a convcache cache. "
+                "Pass a file written by 'convcache extract', or move this file out of the cache folder."
+            ) from None
+        raise CacheFileError(
+            f"{path} is a damaged HDF5 file ({error}). Move it out of the cache folder and run the extraction again."
+        ) from error
 
 
 def _header_of(handle: h5py.File, path: Path, expected_digest: str | None) -> CacheHeader:
@@ -208,7 +376,10 @@ def _header_of(handle: h5py.File, path: Path, expected_digest: str | None) -> Ca
             f"{path} is an HDF5 file but not a convcache cache (no format={FORMAT_NAME!r} attribute). "
             "Pass a file written by 'convcache extract'."
         )
-    version = int(attrs.get("schema_version", 0))
+    try:
+        version = int(attrs.get("schema_version", 0))
+    except (TypeError, ValueError) as error:
+        raise CacheFileError(f"{path} has an invalid schema_version {attrs.get('schema_version')!r}") from error
     if version > SCHEMA_VERSION:
         raise CacheFileError(
             f"{path} uses cache schema version {version}, newer than the {SCHEMA_VERSION} this convcache reads. "
@@ -223,13 +394,32 @@ def _header_of(handle: h5py.File, path: Path, expected_digest: str | None) -> Ca
             f"{path} belongs to feature spec {spec.digest[:12]} ({spec.base}, {spec.input_size} px), "
             f"not to the requested spec {expected_digest[:12]}. Rename or remove the file; it was left untouched."
         )
-    return CacheHeader(
-        spec=spec,
-        classes=json.loads(str(attrs["classes"])),
-        n_rows=int(handle["digest"].shape[0]),
-        feature_shape=tuple(json.loads(str(attrs["feature_shape"]))),
-        attrs=attrs,
-    )
+    try:
+        classes = json.loads(str(attrs["classes"]))
+        feature_shape = tuple(int(n) for n in json.loads(str(attrs["feature_shape"])))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CacheFileError(f"{path} lacks a valid 'classes' or 'feature_shape' attribute: {error}") from error
+    n_rows = _check_datasets(handle, path, feature_shape)
+    return CacheHeader(spec=spec, classes=classes, n_rows=n_rows, feature_shape=feature_shape, attrs=attrs)
+
+
+def _check_datasets(handle: h5py.File, path: Path, feature_shape: tuple[int, ...]) -> int:
+    """Return the row count after checking that every dataset exists and all are aligned."""
+    missing = [name for name in ("features", *COLUMN_NAMES) if not isinstance(handle.get(name), h5py.Dataset)]
+    if missing:
+        raise CacheFileError(
+            f"{path} lacks the datasets {', '.join(missing)}; it is damaged or not a convcache cache. "
+            "Move it out of the cache folder and run the extraction again."
+        )
+    n_rows = int(handle["features"].shape[0])
+    lengths = {name: int(handle[name].shape[0]) for name in COLUMN_NAMES}
+    if any(length != n_rows for length in lengths.values()) or tuple(handle["features"].shape[1:]) != feature_shape:
+        raise CacheFileError(
+            f"{path} has misaligned datasets (features {tuple(handle['features'].shape)}, "
+            f"feature_shape attribute {list(feature_shape)}, columns {lengths}). "
+            "Move it out of the cache folder and run the extraction again."
+        )
+    return n_rows
 
 
 def _decode_strings(values: np.ndarray) -> list[str]:
@@ -263,7 +453,9 @@ def list_segments(cache_path: str | os.PathLike[str]) -> list[Path]:
 def publish_segment(cache_path: Path, spec: FeatureSpec, classes: Sequence[str], rows: Rows) -> Path:
     """Commit a batch of rows as a new segment file and return its path."""
     folder = parts_dir(cache_path)
-    folder.mkdir(exist_ok=True)
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        _fsync_dir(folder.parent)  # make the new folder's entry durable before segments count on it
     name = f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.h5"
     target = folder / name
     feature_shape = tuple(rows.features.shape[1:])
