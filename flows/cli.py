@@ -89,6 +89,11 @@ def _print(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    if args.augment_views:
+        from flows.finetune_cli import cmd_augment
+
+        args.views = args.augment_views
+        return cmd_augment(args)  # extraction, then the missing views; prints both summaries
     from pipeline.extract import check_cache_dir
     from pipeline.images import scan_tree
     from pipeline.store import read_header
@@ -245,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_dir", help="root/<class>/<images> or root/{train,validation,test}/<class>/<images>")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help=f"folder of cache files (default: {DEFAULT_CACHE_DIR})")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--augment-views", type=int, default=0, metavar="K",
+                   help="also cache K augmented views of every train image (default: 0, none)")
+    p.add_argument("--replace-views", action="store_true",
+                   help="drop stored views made with another augmentation recipe and compute new ones")
+    from flows.finetune_cli import add_augment_options
+
+    add_augment_options(p)
     _add_lock_options(p)
     add_spec_options(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -113,4 +113,9 @@ def prefect_api() -> Iterator[None]:
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
+        from prefect.logging.configuration import setup_logging
+
+        # Bind Prefect's console handler to the session's stderr now, not to the stderr
+        # that pytest captures for (and closes after) the first test that runs a flow.
+        setup_logging(incremental=False)
         yield
