@@ -4,16 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.bases import build_conv_base, get_base
+from pipeline.bases import build_conv_base
+from pipeline.spec import check_geometry
 
 
 def list_layers(base: str, input_size: int | None = None, alpha: float | None = None) -> list[dict[str, Any]]:
     """Return ``{name, shape}`` for every layer after the input, in model order.
 
     The base is built with random weights: names and shapes do not depend on them.
+
+    Raises
+    ------
+    UnknownBaseError, SpecError
+        For an unknown base, an input size below the base's minimum, or an invalid alpha.
     """
-    info = get_base(base)
-    model = build_conv_base(base, input_size or info.default_size, None, alpha if info.alphas else None)
+    size, alpha = check_geometry(base, input_size, alpha)
+    model = build_conv_base(base, size, None, alpha)
     return [
         {"name": layer.name, "shape": [int(d) for d in layer.output.shape[1:]]}
         for layer in model.layers[1:]

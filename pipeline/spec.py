@@ -87,6 +87,22 @@ class FeatureSpec:
         return cls(**data)
 
 
+def check_geometry(base: str, input_size: int | None, alpha: float | None) -> tuple[int, float | None]:
+    """Validate input size and width multiplier for ``base``; returns them with defaults filled in."""
+    info = get_base(base)
+    size = info.default_size if input_size is None else int(input_size)
+    if size < info.min_size:
+        raise SpecError(f"input size {size} is too small for {base}; use at least {info.min_size} pixels")
+    if info.alphas:
+        alpha = 1.0 if alpha is None else float(alpha)
+        if alpha not in info.alphas:
+            valid = ", ".join(str(a) for a in info.alphas)
+            raise SpecError(f"invalid alpha {alpha} for {base}; valid choices: {valid}")
+    elif alpha is not None:
+        raise SpecError(f"base {base!r} has no width multiplier; drop --alpha")
+    return size, alpha
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     """Return the hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -121,9 +137,7 @@ def make_spec(
         For an unknown base or an invalid value, naming the valid choices.
     """
     info = get_base(base)
-    size = info.default_size if input_size is None else int(input_size)
-    if size < info.min_size:
-        raise SpecError(f"input size {size} is too small for {base}; use at least {info.min_size} pixels")
+    size, alpha = check_geometry(base, input_size, alpha)
     pooling = info.default_pooling if pooling is None else pooling
     if pooling not in POOLINGS:
         raise SpecError(f"invalid pooling {pooling!r}; valid choices: {', '.join(POOLINGS)}")
@@ -133,13 +147,6 @@ def make_spec(
         raise SpecError(f"invalid precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
     if store_dtype not in STORE_DTYPES:
         raise SpecError(f"invalid store dtype {store_dtype!r}; valid choices: {', '.join(STORE_DTYPES)}")
-    if info.alphas:
-        alpha = 1.0 if alpha is None else float(alpha)
-        if alpha not in info.alphas:
-            valid = ", ".join(str(a) for a in info.alphas)
-            raise SpecError(f"invalid alpha {alpha} for {base}; valid choices: {valid}")
-    elif alpha is not None:
-        raise SpecError(f"base {base!r} has no width multiplier; drop --alpha")
 
     weights_path = resolve_weights(base, weights, alpha, size)
     if weights_path is None:
