@@ -45,9 +45,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.locking import CacheLockError
     from pipeline.spec import SpecError
     from pipeline.store import CacheFileError, CacheWriteError
+    from pipeline.streaming import BudgetError
 
     return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
-            SpecError, CacheFileError, CacheWriteError, DatasetError, FileNotFoundError, PermissionError)
+            SpecError, CacheFileError, CacheWriteError, DatasetError, BudgetError, FileNotFoundError, PermissionError)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -158,10 +159,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.head not in HEAD_NAMES:
         make_head(args.head, 2)  # raises HeadError naming the valid heads
     check_dataset(args.cache_file, use_views=args.use_views, random_state=args.seed)
+    if args.memory_budget is not None:
+        from pipeline.streaming import parse_memory_budget
+
+        parse_memory_budget(args.memory_budget)
 
     from flows.train import train_flow
 
-    result = train_flow(str(args.cache_file), args.head, str(args.models_dir), args.seed, args.use_views)
+    result = train_flow(
+        str(args.cache_file), args.head, str(args.models_dir), args.seed, args.use_views, args.memory_budget
+    )
     _print(result, args.json, _human_train)
     return 0
 
@@ -264,7 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="fit a head on cached features (no conv base is built)")
     p.add_argument("cache_file")
-    p.add_argument("--head", default="logreg", help="dense or logreg (default: logreg)")
+    p.add_argument("--head", default="logreg",
+                   help="dense, logreg, linear_svm, svm_rbf, knn, random_forest, hist_gb, mlp, or an estimator "
+                        "import path such as sklearn.linear_model:RidgeClassifier (default: logreg)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="stream features in chunks when they need more than SIZE, e.g. 2GB "
+                        "(dense, logreg and linear_svm only)")
     p.add_argument("--models-dir", default=DEFAULT_MODELS_DIR, help=f"where to save the head (default: {DEFAULT_MODELS_DIR})")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--use-views", action="store_true", help="also train on cached augmented views")
