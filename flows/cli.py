@@ -37,18 +37,20 @@ class CommandError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.bases import UnknownBaseError
+    from pipeline.bases import UnknownBaseError, WeightsMismatchError
     from pipeline.dataset import DatasetError
     from pipeline.extract import CacheFolderError
     from pipeline.heads import HeadError
     from pipeline.images import DataFolderError
     from pipeline.locking import CacheLockError
+    from pipeline.maintenance import PruneError
     from pipeline.spec import SpecError
     from pipeline.store import CacheFileError, CacheWriteError
     from pipeline.streaming import BudgetError
 
     return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
-            SpecError, CacheFileError, CacheWriteError, DatasetError, BudgetError, FileNotFoundError, PermissionError)
+            SpecError, CacheFileError, CacheWriteError, DatasetError, BudgetError, WeightsMismatchError,
+            PruneError, FileNotFoundError, PermissionError)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -175,9 +177,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _human_train(r: dict[str, Any]) -> str:
     lines = [f"head      {r['head']}  (fit {r['fit_seconds']:.1f} s)", f"saved     {r['model_path']}"]
-    for split, m in r["metrics"].items():
+    order = ["train", "validation", "test"]
+    for split in sorted(r["metrics"], key=lambda name: order.index(name) if name in order else len(order)):
+        m = r["metrics"][split]
         loss = f"  loss {m['loss']:.4f}" if "loss" in m else ""
-        lines.append(f"{split:<10}accuracy {m.get('accuracy', float('nan')):.4f}{loss}  n {m['n']}")
+        lines.append(f"{split:<11}accuracy {m.get('accuracy', float('nan')):.4f}{loss}  n {m['n']}")
     return "\n".join(lines)
 
 
@@ -195,6 +199,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     results = predict_flow(str(args.model_path), [str(p) for p in args.images], args.base, args.weights)
     _print(results, args.json, _human_predict)
+    if all("error" in r for r in results):
+        print("convcache: error: no image could be classified; see the reasons above", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -242,14 +249,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from pipeline.maintenance import prune_cache
 
     result = prune_cache(args.cache_file, args.data_dir, lock_timeout=args.lock_timeout,
-                         use_lock=False if args.no_lock else None)
+                         use_lock=False if args.no_lock else None, force=args.force)
     _print(result, args.json, lambda r: f"pruned {r['removed']} rows from {r['cache']} ({r['rows_after']} left)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Build the ``convcache`` argument parser."""
-    parser = argparse.ArgumentParser(prog="convcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="convcache",
+        description="Cache frozen conv-base features of image folders in HDF5 and train classifiers on them.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -306,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="remove rows of images that are no longer in the tree")
     p.add_argument("cache_file")
     p.add_argument("data_dir")
+    p.add_argument("--force", action="store_true",
+                   help="prune even when the folder differs from the one the cache was extracted from "
+                        "and holds less than half of its images")
     _add_lock_options(p)
     p.add_argument("--json", action="store_true", help="print as JSON")
     p.set_defaults(func=cmd_prune)
@@ -346,6 +359,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as error:
         print(f"convcache: error: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if "ephemeral Prefect API server" not in str(error):
+            raise
+        print(
+            "convcache: error: the temporary Prefect server did not start in time. Start one with "
+            "'prefect server start' and set PREFECT_API_URL=http://127.0.0.1:4200/api, or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("convcache: interrupted; committed rows are kept", file=sys.stderr)

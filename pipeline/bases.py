@@ -93,6 +93,10 @@ class UnknownBaseError(ValueError):
     """Raised for a base name that is not in :data:`BASES`."""
 
 
+class WeightsMismatchError(ValueError):
+    """Raised when a weights file does not match the architecture of the requested base."""
+
+
 def get_base(name: str) -> BaseInfo:
     """Look up a conv base by its registry name."""
     try:
@@ -133,7 +137,13 @@ def build_conv_base(
         kwargs["alpha"] = float(alpha or 1.0)
     model = constructor(**kwargs)
     if weights_path is not None:
-        model.load_weights(weights_path)
+        try:
+            model.load_weights(weights_path)
+        except ValueError as error:  # Keras raises ValueError when layers or shapes differ
+            raise WeightsMismatchError(
+                f"weights file {weights_path} does not fit {name} (alpha {alpha}, {input_size} px): {error}. "
+                f"Pass weights saved from a {name} model without its top, 'imagenet' or 'none'."
+            ) from error
     model.trainable = False
     return model
 

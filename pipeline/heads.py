@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -288,12 +290,29 @@ def make_head(name: str, n_classes: int, random_state: int = 0, **params: Any) -
 
 
 def save_head(head: Head, folder: Path, meta: dict[str, Any]) -> Path:
-    """Save a fitted head and its metadata (feature spec, classes, metrics) into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    head.save(folder)
-    record = dict(meta)
-    record.update({"head": head.name, "params": head.params, "kind": "keras" if isinstance(head, DenseHead) else "sklearn"})
-    (folder / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    """Save a fitted head and its metadata (feature spec, classes, metrics) into ``folder``.
+
+    The files are written to a temporary folder beside ``folder`` and swapped in by
+    rename, so a crash never leaves a model that does not match its ``head.json``.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        head.save(staging)
+        record = dict(meta)
+        kind = "keras" if isinstance(head, DenseHead) else "sklearn"
+        record.update({"head": head.name, "params": head.params, "kind": kind})
+        (staging / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        previous = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
+        if folder.exists():
+            folder.rename(previous)
+        staging.rename(folder)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return folder
 
 
@@ -303,10 +322,18 @@ def load_head(folder: str | Path) -> tuple[Head, dict[str, Any]]:
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise HeadError(f"no trained head found at {folder} (missing {META_FILE}). Pass a folder written by 'convcache train'.")
-    meta = json.loads(meta_path.read_text())
-    if meta["kind"] == "keras":
-        return DenseHead.load(folder, len(meta["classes"]), meta["params"]), meta
-    return SklearnHead.load(folder, meta["head"], meta["params"], n_classes=len(meta["classes"])), meta
+    try:
+        meta = json.loads(meta_path.read_text())
+        kind = meta["kind"]
+        classes, params, name = list(meta["classes"]), dict(meta["params"]), str(meta["head"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise HeadError(
+            f"{meta_path} is not a valid head description ({type(error).__name__}: {error}). "
+            "Train the head again with 'convcache train' or 'convcache compare'."
+        ) from error
+    if kind == "keras":
+        return DenseHead.load(folder, len(classes), params), meta
+    return SklearnHead.load(folder, name, params, n_classes=len(classes)), meta
 
 
 __all__ = ["HEAD_NAMES", "DenseHead", "Head", "HeadError", "SklearnHead", "load_head", "make_head", "save_head",

@@ -62,16 +62,23 @@ def describe_cache(cache_path: str | os.PathLike[str]) -> dict[str, Any]:
         }
 
 
+class PruneError(ValueError):
+    """Raised when a prune looks like it was given the wrong data folder."""
+
+
 def prune_cache(
     cache_path: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
     lock_timeout: float = 600.0,
     use_lock: bool | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Drop the rows of images that are no longer under ``data_dir``; returns rows before and after.
 
     Images of the tree that the cache does not hold yet are not computed: run
-    ``convcache extract`` for that.
+    ``convcache extract`` for that. Unless ``force``, a prune that would remove more
+    than half of the rows of a cache extracted from another folder is rejected, since
+    that usually means the wrong folder was passed.
     """
     path = Path(cache_path)
     if not path.exists():
@@ -91,6 +98,13 @@ def prune_cache(
             }
             not_cached = set(plan.todo_digests)
             index = [e for e in plan.index if e.digest not in not_cached]
+            stored_root = str(snapshot.attrs.get("data_root", ""))
+            kept = len({e.digest for e in index})
+            if not force and stored_root != str(manifest.root) and kept < before / 2:
+                raise PruneError(
+                    f"{manifest.root} holds {kept} of the {before} cached images, and the cache was extracted "
+                    f"from {stored_root}. Check the folder, or pass --force to prune anyway."
+                )
             after = compact(path, header.spec, snapshot, index, manifest.classes, attrs, prune=True)
     logger.info("pruned %s: %d rows before, %d after", path, before, after)
     return {"cache": str(path), "rows_before": before, "rows_after": after, "removed": before - after,

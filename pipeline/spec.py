@@ -22,6 +22,8 @@ SPEC_VERSION = 1
 POOLINGS = ("none", "avg", "max")
 PRECISIONS = ("float32", "bfloat16", "float16")
 STORE_DTYPES = ("float32", "float16")
+# Upper bound on --input-size, against typos like 99999 that would exhaust memory.
+MAX_INPUT_SIZE = 1024
 # Decoding settings that are part of the spec: JPEG draft decoding changes pixels slightly.
 DEFAULT_RESIZE = "bilinear"
 
@@ -93,6 +95,11 @@ def check_geometry(base: str, input_size: int | None, alpha: float | None) -> tu
     size = info.default_size if input_size is None else int(input_size)
     if size < info.min_size:
         raise SpecError(f"input size {size} is too small for {base}; use at least {info.min_size} pixels")
+    if size > MAX_INPUT_SIZE:
+        raise SpecError(
+            f"input size {size} is larger than {MAX_INPUT_SIZE} pixels; the ImageNet bases were trained at "
+            f"600 px or less, and larger inputs only multiply memory. Pass --input-size {MAX_INPUT_SIZE} or less."
+        )
     if info.alphas:
         alpha = 1.0 if alpha is None else float(alpha)
         if alpha not in info.alphas:

@@ -6,7 +6,8 @@ Commit protocol (see ``docs/FORMAT.md``):
   temporary file beside it, flushed with ``fsync`` and published with ``os.replace``.
 * While an extraction runs, each batch of finished rows is written to its own segment
   file in ``NAME.h5.parts/`` and published the same way. A published segment is a
-  committed set of rows, so a run killed at any moment loses at most the batch in flight.
+  committed set of rows, so a run killed at any moment loses only the rows computed
+  since the last published segment (``commit_rows`` rows plus the queued batches).
 * At the end of a run the cache file is rewritten with the rows of every segment
   (compaction) and the absorbed segments are deleted. Their names are recorded in the
   new file first, so a crash between the two steps never counts a row twice.
@@ -37,8 +38,8 @@ logger = logging.getLogger(__name__)
 FORMAT_NAME = "convcache.features"
 SCHEMA_VERSION = 1
 PARTS_SUFFIX = ".parts"
-# Rows per HDF5 chunk along the first axis: large enough for fast sequential reads,
-# small enough that reading one row does not decode megabytes.
+# Target bytes per HDF5 chunk of the features dataset (chunks run along the first axis):
+# large enough for fast sequential reads, small enough that reading one row stays cheap.
 CHUNK_BYTES = 1 << 20
 # HDF5 filters of the features dataset, as h5py create_dataset keyword arguments.
 FEATURE_FILTERS: dict[str, Any] = {}
@@ -282,14 +283,14 @@ def _fill_table(
     for key, value in (attrs or {}).items():
         handle.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
 
-    chunk = _chunk_rows(feature_shape, dtype.itemsize)
-    features = handle.create_dataset(
-        "features",
-        shape=(total_rows, *feature_shape),
-        dtype=dtype,
-        chunks=(max(1, min(chunk, total_rows or 1)), *feature_shape),
-        **FEATURE_FILTERS,
-    )
+    shape = (total_rows, *feature_shape)
+    if all(shape):
+        chunk = _chunk_rows(feature_shape, dtype.itemsize)
+        layout: dict[str, Any] = {"chunks": (max(1, min(chunk, total_rows)), *feature_shape), **FEATURE_FILTERS}
+    else:
+        # An empty table (every image failed, or a prune removed every row) cannot be chunked.
+        layout = {}
+    features = handle.create_dataset("features", shape=shape, dtype=dtype, **layout)
     columns = {
         "digest": handle.create_dataset("digest", (total_rows,), dtype="S32"),
         "path": handle.create_dataset("path", (total_rows,), dtype=STRING),
