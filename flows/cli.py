@@ -48,9 +48,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.store import CacheFileError, CacheWriteError
     from pipeline.streaming import BudgetError
 
+    from flows.serve_cli import TaskRunnerOptionError
+
     return (CommandError, UnknownBaseError, CacheFolderError, HeadError, DataFolderError, CacheLockError,
             SpecError, CacheFileError, CacheWriteError, DatasetError, BudgetError, WeightsMismatchError,
-            PruneError, FileNotFoundError, PermissionError)
+            PruneError, TaskRunnerOptionError, FileNotFoundError, PermissionError)
 
 
 def add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +94,8 @@ def _print(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    if args.task_runner == "dask" and args.augment_views:
+        raise CommandError("--augment-views runs in this process only; drop --task-runner dask")
     if args.augment_views:
         from flows.finetune_cli import cmd_augment
 
@@ -113,6 +117,22 @@ def cmd_extract(args: argparse.Namespace) -> int:
         # An existing cache proves the layer exists, so only a new cache pays for building the base here.
         _check_layer(spec)
     check_cache_dir(cache_dir)
+
+    from flows.serve_cli import check_task_runner_options
+
+    check_task_runner_options(args.task_runner, args.dask_address, args.dask_workers)
+    if args.shard_size < 1:
+        raise CommandError(f"--shard-size must be at least 1 image, got {args.shard_size}")
+    if args.task_runner == "dask":
+        from flows.dask_extract import run_sharded_extract
+
+        summary = run_sharded_extract(
+            str(args.data_dir), str(cache_dir), spec.to_json(), "dask", args.dask_address, args.dask_workers,
+            shard_size=args.shard_size, batch_size=args.batch_size, lock_timeout=args.lock_timeout,
+            use_lock=False if args.no_lock else None,
+        )
+        _print(summary, args.json, _human_extract)
+        return 0
 
     from flows.extract import extract_flow
 
@@ -275,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_augment_options(p)
     _add_lock_options(p)
+    from flows.serve_cli import add_task_runner_options
+
+    add_task_runner_options(p)
     add_spec_options(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_extract)

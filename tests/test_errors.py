@@ -96,3 +96,12 @@ def test_predict_exits_nonzero_when_all_fail(
     assert code == 1
     assert json.loads(captured.out)[0]["error"]
     assert "no image could be classified" in captured.err
+
+
+def test_extract_bad_dask_workers_rejected(photo_subset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["extract", str(photo_subset), "--cache-dir", str(tmp_path / "cache"), "--base", "mobilenet",
+                 "--alpha", "0.25", "--weights", "none", "--input-size", "96",
+                 "--task-runner", "dask", "--dask-workers", "0"])
+    assert code == 1
+    assert "--dask-workers must be at least 1, got 0" in capsys.readouterr().err
+    assert list((tmp_path / "cache").iterdir()) == []
