@@ -28,20 +28,20 @@ import numpy as np
 from PIL import Image
 
 from pipeline.compact import BLOCK_ROWS, RESERVED_ATTRS, compact
-from pipeline.compute import Failure, WorkItem, compute_rows, decode_original
+from pipeline.compute import Failure, ProgressCallback, WorkItem, compute_rows, decode_original
 from pipeline.extract import (
     ExtractPlan,
     check_cache_dir,
     plan_extraction,
     publish_cache,
     remove_stale_temporaries,
+    scan_attrs,
 )
 from pipeline.images import Manifest, scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
 from pipeline.store import Rows, list_segments, read_header, write_table
-from pipeline.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ MAX_ROTATION = 180.0
 MAX_ZOOM = 0.5
 MAX_CROP = 0.5
 
-ProgressCallback = Callable[[int, int], None]
 
 
 class AugmentError(ValueError):
@@ -404,13 +403,8 @@ def _row_count(cache_path: Path) -> int:
 
 def _publish(cache_path: Path, spec: FeatureSpec, manifest: Manifest, plan: ExtractPlan, recipe: AugmentRecipe) -> int:
     """Compact the cache (views included) and record ``recipe``; call only while holding the lock."""
-    attrs: dict[str, Any] = {
-        "failed": [asdict(f) for f in plan.failures],
-        "conflicts": plan.conflicts,
-        "data_root": str(manifest.root),
-        "library_versions": library_versions(),
-        RECIPE_ATTR: recipe.to_json(),
-    }
+    attrs = scan_attrs(manifest, plan.failures, plan.conflicts)
+    attrs[RECIPE_ATTR] = recipe.to_json()
     with CacheSnapshot(cache_path, expected_digest=spec.digest) as snapshot:
         return compact(cache_path, spec, snapshot, plan.index, manifest.classes, attrs)
 

@@ -19,13 +19,12 @@ from pipeline.images import ImageEntry, Manifest, file_digest, scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
-from pipeline.compute import Failure, WorkItem, compute_rows
+from pipeline.compute import Failure, ProgressCallback, WorkItem, compute_rows
 from pipeline.store import list_segments, parts_dir
 from pipeline.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]
 
 
 class CacheFolderError(OSError):
@@ -289,6 +288,16 @@ def _open_snapshot(cache_path: Path, spec: FeatureSpec) -> CacheSnapshot | None:
     return CacheSnapshot(cache_path, expected_digest=spec.digest)
 
 
+def scan_attrs(manifest: Manifest, failures: Sequence[Failure], conflicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return the cache file attributes that describe the scan: failures, conflicts, root, versions."""
+    return {
+        "failed": [asdict(f) for f in failures],
+        "conflicts": conflicts,
+        "data_root": str(manifest.root),
+        "library_versions": library_versions(),
+    }
+
+
 def publish_cache(
     cache_path: Path,
     spec: FeatureSpec,
@@ -304,12 +313,7 @@ def publish_cache(
     """
     failed_digests = {f.digest for f in failures if f.digest}
     kept = [e for e in index if e.digest not in failed_digests]
-    attrs: dict[str, Any] = {
-        "failed": [asdict(f) for f in failures],
-        "conflicts": conflicts,
-        "data_root": str(manifest.root),
-        "library_versions": library_versions(),
-    }
+    attrs = scan_attrs(manifest, failures, conflicts)
     snapshot = _open_snapshot(cache_path, spec)
     try:
         if snapshot is None:

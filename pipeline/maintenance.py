@@ -6,17 +6,15 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from pipeline.compact import compact
-from pipeline.extract import plan_extraction, remove_stale_temporaries
+from pipeline.extract import plan_extraction, remove_stale_temporaries, scan_attrs
 from pipeline.images import scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.store import list_segments, parts_dir, read_header
-from pipeline.versions import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +88,7 @@ def prune_cache(
         with CacheSnapshot(path, expected_digest=header.spec.digest) as snapshot:
             before = len(snapshot.columns)
             plan = plan_extraction(manifest, snapshot)
-            attrs: dict[str, Any] = {
-                "failed": [asdict(f) for f in plan.failures],
-                "conflicts": plan.conflicts,
-                "data_root": str(manifest.root),
-                "library_versions": library_versions(),
-            }
+            attrs = scan_attrs(manifest, plan.failures, plan.conflicts)
             not_cached = set(plan.todo_digests)
             index = [e for e in plan.index if e.digest not in not_cached]
             stored_root = str(snapshot.attrs.get("data_root", ""))
