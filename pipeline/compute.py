@@ -117,6 +117,10 @@ class _SegmentWriter:
                 except BaseException as error:  # re-raised in the compute thread by put() or close()
                     self.error = error
                     logger.error("segment commit to %s failed: %s", parts_dir(self.cache_path), error)
+                    # Keep emptying the queue until close(), so that neither put() nor
+                    # close() blocks forever on a full queue that nothing reads.
+                    while item is not None:
+                        item = self.queue.get()
                     return
                 buffer, buffered = [], 0
             if item is None:
