@@ -294,6 +294,7 @@ def save_head(head: Head, folder: Path, meta: dict[str, Any]) -> Path:
 
     The files are written to a temporary folder beside ``folder`` and swapped in by
     rename, so a crash never leaves a model that does not match its ``head.json``.
+    Other files already in ``folder`` are kept.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -307,6 +308,10 @@ def save_head(head: Head, folder: Path, meta: dict[str, Any]) -> Path:
         (staging / META_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
         previous = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
         if folder.exists():
+            # Files that others keep beside the head (a fine-tuned base's weights) move along.
+            for extra in folder.iterdir():
+                if extra.is_file() and not (staging / extra.name).exists():
+                    shutil.copy2(extra, staging / extra.name)
             folder.rename(previous)
         staging.rename(folder)
         shutil.rmtree(previous, ignore_errors=True)
