@@ -310,8 +310,13 @@ def save_head(head: Head, folder: Path, meta: dict[str, Any]) -> Path:
         if folder.exists():
             # Files that others keep beside the head (a fine-tuned base's weights) move along.
             for extra in folder.iterdir():
-                if extra.is_file() and not (staging / extra.name).exists():
-                    shutil.copy2(extra, staging / extra.name)
+                target = staging / extra.name
+                if target.exists():
+                    continue
+                if extra.is_dir():
+                    shutil.copytree(extra, target, symlinks=True)
+                else:
+                    shutil.copy2(extra, target)
             folder.rename(previous)
         staging.rename(folder)
         shutil.rmtree(previous, ignore_errors=True)
