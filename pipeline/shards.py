@@ -280,7 +280,9 @@ def run_shard(
             commit_rows=len(work), decode_workers=decode_workers,
         )
     by_path = {item.path: item.abs_path for item in shard.items}
-    vanished = [f.path for f in failures if not os.path.lexists(by_path[f.path])]
+    # "file not found" is recorded when the decode ran, so a file that reappears before
+    # this check still counts as vanished and the retry picks it up.
+    vanished = [f.path for f in failures if f.reason == "file not found" or not os.path.lexists(by_path[f.path])]
     if vanished and not final_attempt:
         raise FilesVanishedError(vanished)
     vanished_paths = set(vanished)
