@@ -6,6 +6,8 @@ import logging
 import os
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.images import ImageDecodeError, ImageEntry, load_image
-from pipeline.spec import FeatureSpec
+from pipeline.spec import FeatureSpec, SpecError
 from pipeline.store import Rows, parts_dir, publish_segment
 
 logger = logging.getLogger(__name__)
@@ -23,6 +25,13 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]
 # Turns a work item into a (size, size, 3) uint8 image, or raises ImageDecodeError.
 DecodeFunction = Callable[["WorkItem", FeatureSpec], np.ndarray]
+FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
+# Batches that run through the conv base at once, each called from its own thread.
+# TensorFlow's intra-op threads leave cores idle between the many small operations of a
+# network like MobileNetV2, and a second batch fills those gaps. Each batch in flight
+# needs its own activations, so peak memory grows by about one batch's worth.
+# Measured effect: docs/BENCHMARKS.md, "Levers".
+INFERENCE_STREAMS = 2
 
 
 @dataclass
@@ -75,6 +84,39 @@ def _decoded(
             if k + ahead < len(items):
                 pending.put((items[k + ahead], pool.submit(one, items[k + ahead])))
             yield item, future.result()
+
+
+class DeferredExtractor:
+    """An extractor that is built on its first call, and records how long that took.
+
+    :func:`compute_rows` starts decoding before the first batch needs the conv base,
+    so a deferred extractor lets the decode threads work while the base is built.
+
+    Parameters
+    ----------
+    build : callable
+        Takes no argument and returns the extractor.
+    """
+
+    def __init__(self, build: Callable[[], Callable[[np.ndarray], np.ndarray]]) -> None:
+        self._build = build
+        self._extractor: Callable[[np.ndarray], np.ndarray] | None = None
+        self._lock = threading.Lock()
+        self.build_seconds = 0.0
+
+    @property
+    def built(self) -> bool:
+        """Whether the extractor has been built."""
+        return self._extractor is not None
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """Build the extractor if needed, then return its features for ``images``. Thread-safe."""
+        with self._lock:
+            if self._extractor is None:
+                started = time.perf_counter()
+                self._extractor = self._build()
+                self.build_seconds = time.perf_counter() - started
+        return self._extractor(images)
 
 
 class _SegmentWriter:
@@ -145,6 +187,40 @@ class _SegmentWriter:
         self.committed_rows += len(rows)
 
 
+def check_features(features: np.ndarray, spec: FeatureSpec, items: Sequence[WorkItem]) -> None:
+    """Raise SpecError for feature rows that are not finite or that the spec's store dtype cannot hold.
+
+    A float16 base can overflow where float32 does not, and float16 storage turns values
+    above 65504 into ``inf``; both would otherwise be cached silently.
+
+    Parameters
+    ----------
+    features : numpy.ndarray
+        One batch of features, row ``i`` computed from ``items[i]``.
+    spec : FeatureSpec
+        The spec whose ``precision`` and ``store_dtype`` produced and will store them.
+    items : sequence of WorkItem
+        The work items of the batch, used to name the first bad image.
+    """
+    rows = features.reshape(len(features), -1)
+    finite = np.isfinite(rows).all(axis=1)
+    if not finite.all():
+        path = items[int(np.argmin(finite))].entry.path
+        if spec.precision == "float16":
+            hint = "Use --precision bfloat16 or float32, which have the range of float32."
+        else:
+            hint = "Check the weights file: it may hold inf or NaN values."
+        raise SpecError(f"the conv base computed inf or NaN features for {path} in {spec.precision}. {hint}")
+    if spec.store_dtype == "float16":
+        peaks = np.abs(rows).max(axis=1)
+        if (peaks > FLOAT16_MAX).any():
+            worst = int(np.argmax(peaks))
+            raise SpecError(
+                f"features of {items[worst].entry.path} reach {peaks[worst]:.6g}, above the float16 maximum "
+                f"{FLOAT16_MAX:.0f}, so --store-dtype float16 would store them as inf. Use --store-dtype float32."
+            )
+
+
 def compute_rows(
     cache_path: Path,
     spec: FeatureSpec,
@@ -156,41 +232,55 @@ def compute_rows(
     decode_workers: int | None = None,
     progress: ProgressCallback | None = None,
     decode: DecodeFunction = decode_original,
+    streams: int = INFERENCE_STREAMS,
 ) -> tuple[list[Failure], int, int]:
     """Run the conv base over ``work`` and commit the rows as segments.
 
-    Returns the decode failures, the number of rows committed and of segments written.
+    ``streams`` batches run through ``extractor`` at once, each called from its own
+    thread, and their rows are committed in input order. Returns the decode failures,
+    the number of rows committed and of segments written.
     """
+    if streams < 1:
+        raise ValueError(f"streams must be at least 1, got {streams}")
     workers = decode_workers or max(2, os.cpu_count() or 2)
     writer = _SegmentWriter(cache_path, spec, classes, commit_rows)
     failures: list[Failure] = []
     batch: list[np.ndarray] = []
     batch_items: list[WorkItem] = []
+    running: deque[tuple[list[WorkItem], Future[np.ndarray]]] = deque()
     done = 0
 
+    def finish_oldest() -> None:
+        items, future = running.popleft()
+        features = future.result()
+        check_features(features, spec, items)
+        writer.put(items, features)
+
     def flush() -> None:
-        features = extractor(np.stack(batch))
-        writer.put(list(batch_items), features)
+        running.append((list(batch_items), inference.submit(extractor, np.stack(batch))))
         batch.clear()
         batch_items.clear()
+        while len(running) >= streams:
+            finish_oldest()
 
     try:
-        for item, image in _decoded(work, spec, decode, workers, lookahead=batch_size * 3):
-            done += 1
-            if isinstance(image, ImageDecodeError):
-                failures.append(Failure(item.entry.path, image.reason, item.digest))
-                logger.warning("skipped %s: %s", item.entry.path, image.reason)
-            else:
-                batch.append(image)
-                batch_items.append(item)
-                if len(batch) == batch_size:
-                    flush()
-            if progress is not None:
-                progress(done, len(work))
-        if batch:
-            flush()
+        with ThreadPoolExecutor(max_workers=streams, thread_name_prefix="inference") as inference:
+            for item, image in _decoded(work, spec, decode, workers, lookahead=batch_size * (2 + streams)):
+                done += 1
+                if isinstance(image, ImageDecodeError):
+                    failures.append(Failure(item.entry.path, image.reason, item.digest))
+                    logger.warning("skipped %s: %s", item.entry.path, image.reason)
+                else:
+                    batch.append(image)
+                    batch_items.append(item)
+                    if len(batch) == batch_size:
+                        flush()
+                if progress is not None:
+                    progress(done, len(work))
+            if batch:
+                flush()
+            while running:
+                finish_oldest()
     finally:
         writer.close()
     return failures, writer.committed_rows, writer.committed_segments
-
-

@@ -19,7 +19,7 @@ from pipeline.images import ImageEntry, Manifest, file_digest, scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
-from pipeline.compute import Failure, ProgressCallback, WorkItem, compute_rows
+from pipeline.compute import DeferredExtractor, Failure, ProgressCallback, WorkItem, compute_rows
 from pipeline.store import list_segments, parts_dir
 from pipeline.versions import library_versions
 
@@ -49,6 +49,7 @@ class ExtractSummary:
     segments_committed: int = 0
     rows: int = 0
     built_model: bool = False
+    build_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Return the summary as plain JSON-serialisable data."""
@@ -239,15 +240,16 @@ def extract_features(
         )
         failures = list(plan.failures)
         committed = segments = 0
-        built = False
+        built, build_seconds = False, 0.0
         if plan.todo:
-            extractor = extractor_factory(spec)
-            built = True
+            # Built on the first batch, while the decode threads fill their window.
+            extractor = DeferredExtractor(lambda: extractor_factory(spec))
             work = [WorkItem(e, d) for e, d in zip(plan.todo, plan.todo_digests, strict=True)]
             new_failures, committed, segments = compute_rows(
                 cache_path, spec, manifest.classes, work, extractor,
                 batch_size=batch_size, commit_rows=commit_rows, decode_workers=decode_workers, progress=progress,
             )
+            built, build_seconds = extractor.built, extractor.build_seconds
             failures += new_failures
             failed_digests = {f.digest for f in new_failures}
             failed_paths = {f.path for f in failures}
@@ -279,6 +281,7 @@ def extract_features(
         segments_committed=segments,
         rows=rows,
         built_model=built,
+        build_seconds=round(build_seconds, 3),
     )
 
 
