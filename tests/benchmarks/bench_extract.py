@@ -5,16 +5,19 @@ Not collected by pytest. Two commands:
 ``compare`` (the default)
     For each conv base, each round measures, one after another:
 
-    (a) ``bound``: the compiled forward pass (one ``tf.function``) over a batch of
-        preprocessed photos already in memory;
+    (a) ``bound``: the compiled forward pass over a batch of photos already in memory,
+        the fastest of a plain ``tf.function``, the product's extractor, and the
+        product's extractor called from two threads at once;
     (b) ``extract``: ``convcache extract`` end to end on a cold cache, in a subprocess.
         Its rate is rows computed over the ``seconds`` field of the JSON summary, which
         runs from the start of the scan to the summary and so includes importing
-        TensorFlow and building the base;
+        TensorFlow and building the base. The "steady" rate leaves out the summary's
+        ``build_seconds``;
     (c) ``classic``: a Python loop of ``conv_base.predict(batch)`` collected into a
         growing list of NumPy arrays, timed from before TensorFlow is imported, like (b).
-        It runs twice: with batches from ``keras.utils.image_dataset_from_directory``, and
-        with batches that ``keras.utils.load_img`` decodes in the loop;
+        By default it runs twice, with batches from
+        ``keras.utils.image_dataset_from_directory`` and with batches that
+        ``keras.utils.load_img`` decodes in the loop, and the faster run counts;
     (d) ``cache hit``: the same ``convcache extract`` again on the now complete cache.
 
     The ratios b/a and b/c are taken within a round and the summary reports their
@@ -27,8 +30,8 @@ Not collected by pytest. Two commands:
     alternate batch by batch or chunk by chunk, so a slow spell of the machine hits
     all of them. The levers are the batch size, the compiled and frozen function
     against ``Model.predict``, decoding on a thread pool against decoding in the
-    inference thread, the number of decode threads, JPEG draft decoding, segment
-    writes and change detection.
+    inference thread, the number of decode threads and of inference streams, JPEG
+    draft decoding, segment writes and change detection.
 
 Examples (from the repository root)::
 
