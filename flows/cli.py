@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,14 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.spec import FeatureSpec
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
-# pipeline code also logs outside flow runs (for example while the CLI validates settings).
-os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-# Without PREFECT_API_URL a flow run starts a temporary local server, which would otherwise
-# try to send anonymous usage data at startup.
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 DEFAULT_CACHE_DIR = "data/cache"
 DEFAULT_MODELS_DIR = "data/models"

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
-
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow, get_run_logger
 
 DEFAULT_DATA = Path("data/images/cats_vs_dogs")
 SPLIT_ORDER = ["train", "validation", "test"]

@@ -102,6 +102,7 @@ class DeferredExtractor:
         self._build = build
         self._extractor: Callable[[np.ndarray], np.ndarray] | None = None
         self._lock = threading.Lock()
+        self._error: BaseException | None = None
         self.build_seconds = 0.0
 
     @property
@@ -112,9 +113,15 @@ class DeferredExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Build the extractor if needed, then return its features for ``images``. Thread-safe."""
         with self._lock:
+            if self._error is not None:
+                raise self._error  # a failed build is not retried by the other streams
             if self._extractor is None:
                 started = time.perf_counter()
-                self._extractor = self._build()
+                try:
+                    self._extractor = self._build()
+                except BaseException as error:
+                    self._error = error
+                    raise
                 self.build_seconds = time.perf_counter() - started
         return self._extractor(images)
 

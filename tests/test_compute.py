@@ -126,12 +126,16 @@ def test_deferred_extractor_builds_once(extractor: FeatureExtractor, photos: Pat
 
 
 def test_build_failure_propagates(photos: Path, spec: FeatureSpec, tmp_path: Path) -> None:
+    attempts = []
+
     def broken(_spec: FeatureSpec) -> FeatureExtractor:
+        attempts.append(1)
         raise OSError("weights file unreadable")
 
     with pytest.raises(OSError, match="weights file unreadable"):
         extract_features(photos, tmp_path, spec, batch_size=BATCH, extractor_factory=broken)
     assert not (tmp_path / spec.cache_name).exists()
+    assert len(attempts) == 1
 
 
 def test_summary_reports_build_seconds(photos: Path, spec: FeatureSpec, tmp_path: Path) -> None:
