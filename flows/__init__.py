@@ -1,7 +1,8 @@
 """Prefect flows and the ``convcache`` command line that runs them.
 
-The settings below apply to every entry point (``convcache``, ``python -m flows.demo`` and the
-other flow modules), because importing any of them imports this package first, before Prefect.
+The environment defaults below take effect when a ``convcache`` or ``python -m flows...`` entry
+point starts, because those import this package before Prefect. A process that imports Prefect
+first (a Prefect worker loading a deployment, say) reads its settings before these defaults.
 """
 
 import os

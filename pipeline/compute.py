@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import queue
@@ -31,6 +32,7 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 # network like MobileNetV2, and a second batch fills those gaps. Each batch in flight
 # needs its own activations, so peak memory grows by about one batch's worth.
 # Measured effect: docs/BENCHMARKS.md, "Levers".
+# NOTE: 2 was chosen on a 2-core CPU; machines with more cores or a GPU were not measured.
 INFERENCE_STREAMS = 2
 
 
@@ -89,8 +91,9 @@ def _decoded(
 class DeferredExtractor:
     """An extractor that is built on its first call, and records how long that took.
 
-    :func:`compute_rows` starts decoding before the first batch needs the conv base,
-    so a deferred extractor lets the decode threads work while the base is built.
+    A run in which no image decodes never builds the conv base, so it also never checks
+    the weights. Calls from several threads build it once, and a failed build is raised
+    again to every later caller.
 
     Parameters
     ----------
@@ -113,8 +116,8 @@ class DeferredExtractor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """Build the extractor if needed, then return its features for ``images``. Thread-safe."""
         with self._lock:
-            if self._error is not None:
-                raise self._error  # a failed build is not retried by the other streams
+            if self._error is not None:  # a failed build is not retried by the other streams
+                raise RuntimeError("building the conv base failed in another inference stream") from self._error
             if self._extractor is None:
                 started = time.perf_counter()
                 try:
@@ -198,7 +201,9 @@ def check_features(features: np.ndarray, spec: FeatureSpec, items: Sequence[Work
     """Raise SpecError for feature rows that are not finite or that the spec's store dtype cannot hold.
 
     A float16 base can overflow where float32 does not, and float16 storage turns values
-    above 65504 into ``inf``; both would otherwise be cached silently.
+    above 65504 into ``inf``, so both would otherwise be cached silently. The run stops at
+    the first such batch, and the batches committed before it stay as segments of this
+    spec until ``convcache prune`` or a later run of the same spec.
 
     Parameters
     ----------
@@ -244,8 +249,9 @@ def compute_rows(
     """Run the conv base over ``work`` and commit the rows as segments.
 
     ``streams`` batches run through ``extractor`` at once, each called from its own
-    thread, and their rows are committed in input order. Returns the decode failures,
-    the number of rows committed and of segments written.
+    thread, so with ``streams`` above 1 the extractor must be thread-safe (a
+    :class:`~pipeline.extractor.FeatureExtractor` is). Rows are committed in input order.
+    Returns the decode failures, the number of rows committed and of segments written.
     """
     if streams < 1:
         raise ValueError(f"streams must be at least 1, got {streams}")
@@ -264,7 +270,10 @@ def compute_rows(
         writer.put(items, features)
 
     def flush() -> None:
-        running.append((list(batch_items), inference.submit(extractor, np.stack(batch))))
+        # A copy of the caller's context per call, so that loggers which find their run
+        # through context variables (Prefect's) work in the inference threads too.
+        call = contextvars.copy_context().run
+        running.append((list(batch_items), inference.submit(call, extractor, np.stack(batch))))
         batch.clear()
         batch_items.clear()
         while len(running) >= streams:

@@ -19,7 +19,7 @@ from pipeline.images import ImageEntry, Manifest, file_digest, scan_tree
 from pipeline.locking import CacheLock
 from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec
-from pipeline.compute import DeferredExtractor, Failure, ProgressCallback, WorkItem, compute_rows
+from pipeline.compute import INFERENCE_STREAMS, DeferredExtractor, Failure, ProgressCallback, WorkItem, compute_rows
 from pipeline.store import list_segments, parts_dir
 from pipeline.versions import library_versions
 
@@ -49,6 +49,7 @@ class ExtractSummary:
     segments_committed: int = 0
     rows: int = 0
     built_model: bool = False
+    # Seconds spent importing TensorFlow and building the conv base; 0.0 when none was built.
     build_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -207,12 +208,14 @@ def extract_features(
     decode_workers: int | None = None,
     progress: ProgressCallback | None = None,
     extractor_factory: Callable[[FeatureSpec], Callable[[np.ndarray], np.ndarray]] | None = None,
+    streams: int = INFERENCE_STREAMS,
 ) -> ExtractSummary:
     """Bring the cache of ``spec`` up to date with the images under ``data_dir``.
 
     Only images whose content digest the cache lacks go through the conv base, and the
-    base is not built at all when there are none. See :mod:`pipeline.store` for how
-    rows are committed.
+    base is not built at all when there are none. ``streams`` batches run through the
+    base at once, so an extractor from ``extractor_factory`` must be thread-safe unless
+    ``streams`` is 1. See :mod:`pipeline.store` for how rows are committed.
     """
     started = time.perf_counter()
     if batch_size < 1:
@@ -248,6 +251,7 @@ def extract_features(
             new_failures, committed, segments = compute_rows(
                 cache_path, spec, manifest.classes, work, extractor,
                 batch_size=batch_size, commit_rows=commit_rows, decode_workers=decode_workers, progress=progress,
+                streams=streams,
             )
             built, build_seconds = extractor.built, extractor.build_seconds
             failures += new_failures

@@ -277,7 +277,9 @@ def run_shard(
     if work:
         failures, committed, segments = compute_rows(
             cache_path, spec, shard.classes, work, extractor, batch_size=batch_size,
-            commit_rows=len(work), decode_workers=decode_workers,
+            # One stream: a worker's TensorFlow has a fixed thread budget (tf_threads), and
+            # a second stream was measured only for a whole machine, not per Dask worker.
+            commit_rows=len(work), decode_workers=decode_workers, streams=1,
         )
     by_path = {item.path: item.abs_path for item in shard.items}
     # "file not found" is recorded when the decode ran, so a file that reappears before

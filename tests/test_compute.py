@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -54,17 +56,58 @@ def committed_rows(cache: Path) -> tuple[list[str], np.ndarray]:
         return list(snapshot.columns.digest), snapshot.read_features(np.arange(len(snapshot.columns)))
 
 
+class RecordingExtractor:
+    """Wrap an extractor: number the calls in submission order, delay some, count overlap."""
+
+    def __init__(self, extractor: FeatureExtractor, delay: Callable[[int], float] = lambda call: 0.0,
+                 fail_on: int | None = None) -> None:
+        self.extractor = extractor
+        self.delay = delay
+        self.fail_on = fail_on
+        self.lock = threading.Lock()
+        self.calls = 0
+        self.active = 0
+        self.max_active = 0
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:  # the pool starts calls in the order compute_rows submits them
+            number = self.calls
+            self.calls += 1
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+        try:
+            time.sleep(self.delay(number))
+            if number == self.fail_on:
+                raise RuntimeError(f"conv base failed on batch {number}")
+            return self.extractor(images)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
 @pytest.mark.parametrize("streams", [1, 2, 3])
 def test_streams_keep_input_order(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor, tmp_path: Path,
                                   streams: int) -> None:
     items, classes = work_items(photos)
     cache = tmp_path / spec.cache_name
-    failures, rows, _ = compute_rows(cache, spec, classes, items, extractor, batch_size=BATCH, commit_rows=8,
+    # The first batch of every group of streams finishes last, so completion order differs from input order.
+    recording = RecordingExtractor(extractor, delay=lambda call: 0.3 if call % streams == 0 else 0.0)
+    failures, rows, _ = compute_rows(cache, spec, classes, items, recording, batch_size=BATCH, commit_rows=8,
                                      streams=streams)
     digests, _ = committed_rows(cache)
     assert failures == []
     assert rows == len(items)
     assert digests == [item.digest for item in items]
+
+
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_streams_run_concurrently(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor, tmp_path: Path,
+                                  streams: int) -> None:
+    items, classes = work_items(photos)
+    recording = RecordingExtractor(extractor, delay=lambda call: 0.2)
+    compute_rows(tmp_path / spec.cache_name, spec, classes, items, recording, batch_size=BATCH, streams=streams)
+    assert recording.calls == -(-len(items) // BATCH)
+    assert recording.max_active == streams
 
 
 def test_streams_match_one_stream(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor,
@@ -89,22 +132,15 @@ def test_streams_below_one_rejected(photos: Path, spec: FeatureSpec, extractor: 
 def test_inference_error_reaches_caller(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor,
                                         tmp_path: Path) -> None:
     items, classes = work_items(photos)
-    calls = {"count": 0}
-
-    def failing(images: np.ndarray) -> np.ndarray:
-        calls["count"] += 1
-        if calls["count"] == 3:
-            raise RuntimeError("conv base failed on batch 3")
-        return extractor(images)
-
+    failing = RecordingExtractor(extractor, fail_on=2)
     cache = tmp_path / spec.cache_name
-    with pytest.raises(RuntimeError, match="conv base failed on batch 3"):
+    with pytest.raises(RuntimeError, match="conv base failed on batch 2"):
         compute_rows(cache, spec, classes, items, failing, batch_size=BATCH, commit_rows=BATCH, streams=2)
     digests, _ = committed_rows(cache)
     assert digests == [item.digest for item in items[: 2 * BATCH]]
 
 
-def test_deferred_extractor_builds_once(extractor: FeatureExtractor, photos: Path, spec: FeatureSpec) -> None:
+def test_deferred_extractor_builds_once(extractor: FeatureExtractor) -> None:
     builds = []
 
     def build() -> FeatureExtractor:
@@ -114,15 +150,13 @@ def test_deferred_extractor_builds_once(extractor: FeatureExtractor, photos: Pat
 
     deferred = DeferredExtractor(build)
     images = np.zeros((2, INPUT_SIZE, INPUT_SIZE, 3), np.uint8)
-    threads = [threading.Thread(target=deferred, args=(images,)) for _ in range(4)]
     assert not deferred.built
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(deferred, [images] * 4))
     assert len(builds) == 1
     assert deferred.built
     assert deferred.build_seconds >= 0.2
+    assert [result.shape for result in results] == [(2, *extractor.feature_shape)] * 4
 
 
 def test_build_failure_propagates(photos: Path, spec: FeatureSpec, tmp_path: Path) -> None:
