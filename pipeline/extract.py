@@ -231,7 +231,7 @@ def extract_features(
 
     with CacheLock(cache_path, timeout=lock_timeout, enabled=use_lock):
         remove_stale_temporaries(cache_path)
-        snapshot = _open_snapshot(cache_path, spec)
+        snapshot = open_cache_snapshot(cache_path, spec)
         try:
             plan = plan_extraction(manifest, snapshot)
         finally:
@@ -245,7 +245,7 @@ def extract_features(
         committed = segments = 0
         built, build_seconds = False, 0.0
         if plan.todo:
-            # Built on the first batch, while the decode threads fill their window.
+            # Built on the first batch, so a run in which nothing decodes builds no model.
             extractor = DeferredExtractor(lambda: extractor_factory(spec))
             work = [WorkItem(e, d) for e, d in zip(plan.todo, plan.todo_digests, strict=True)]
             new_failures, committed, segments = compute_rows(
@@ -289,7 +289,8 @@ def extract_features(
     )
 
 
-def _open_snapshot(cache_path: Path, spec: FeatureSpec) -> CacheSnapshot | None:
+def open_cache_snapshot(cache_path: Path, spec: FeatureSpec) -> CacheSnapshot | None:
+    """Open a snapshot of the cache of ``spec``, or return None when it has no file and no segment."""
     if not cache_path.exists() and not list_segments(cache_path):
         return None
     return CacheSnapshot(cache_path, expected_digest=spec.digest)
@@ -321,7 +322,7 @@ def publish_cache(
     failed_digests = {f.digest for f in failures if f.digest}
     kept = [e for e in index if e.digest not in failed_digests]
     attrs = scan_attrs(manifest, failures, conflicts)
-    snapshot = _open_snapshot(cache_path, spec)
+    snapshot = open_cache_snapshot(cache_path, spec)
     try:
         if snapshot is None:
             attrs["feature_shape_hint"] = (0,)

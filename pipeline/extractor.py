@@ -103,8 +103,10 @@ class FeatureExtractor:
         if freeze is None:
             freeze = any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
         self.frozen = freeze
-        self._run, self.graph = _frozen(self._forward) if freeze else (
-            self._forward, self._forward.get_concrete_function().graph)
+        if freeze:
+            self._run, self.graph = _frozen(self._forward)
+        else:
+            self._run, self.graph = self._forward, self._forward.get_concrete_function().graph
         out_shape = tuple(int(d) for d in model.output.shape[1:])
         if pooling != "none" and rank == 4:
             out_shape = (out_shape[-1],)

@@ -35,13 +35,13 @@ from pipeline.extract import (
     ExtractPlan,
     ExtractSummary,
     check_cache_dir,
+    open_cache_snapshot,
     plan_extraction,
     publish_cache,
     remove_stale_temporaries,
 )
 from pipeline.images import ImageEntry, scan_tree
 from pipeline.locking import CacheLock
-from pipeline.snapshot import CacheSnapshot
 from pipeline.spec import FeatureSpec, resolve_weights, sha256_file
 from pipeline.store import list_segments, parts_dir
 
@@ -310,12 +310,6 @@ def run_shard(
 ShardRunner = Callable[[list[Shard]], list[ShardResult]]
 
 
-def _open_snapshot(cache_path: Path, spec: FeatureSpec) -> CacheSnapshot | None:
-    if not cache_path.exists() and not list_segments(cache_path):
-        return None
-    return CacheSnapshot(cache_path, expected_digest=spec.digest)
-
-
 def _merge_failures(plan: ExtractPlan, results: Sequence[ShardResult]) -> list[Failure]:
     """Add the shards' decode failures to the plan's, once for every path of a failed digest."""
     failures = list(plan.failures)
@@ -364,7 +358,7 @@ def extract_sharded(
         # lock is seen either completely or not at all.
         manifest = scan_tree(data_dir)
         remove_stale_temporaries(cache_path)
-        snapshot = _open_snapshot(cache_path, spec)
+        snapshot = open_cache_snapshot(cache_path, spec)
         try:
             plan = plan_extraction(manifest, snapshot)
         finally:
