@@ -22,11 +22,28 @@ SAMPLE_FILE = "cats_and_dogs_filtered.zip"
 SAMPLE_ORIGIN = "https://storage.googleapis.com/mledu-datasets/cats_and_dogs_filtered.zip"
 
 
+class SampleDownloadError(RuntimeError):
+    """Error raised when the public cats-vs-dogs sample cannot be downloaded."""
+
+
 def sample_photos() -> Path:
-    """Return the public cats-vs-dogs sample, downloading it into the Keras cache once."""
+    """Return the public cats-vs-dogs sample, downloading it into the Keras cache once.
+
+    Raises
+    ------
+    SampleDownloadError
+        If the sample is not in the Keras cache and the download fails.
+    """
     from keras.utils import get_file
 
-    extracted = Path(get_file(SAMPLE_FILE, origin=SAMPLE_ORIGIN, extract=True))
+    try:
+        extracted = Path(get_file(SAMPLE_FILE, origin=SAMPLE_ORIGIN, extract=True))
+    except Exception as error:  # get_file raises a bare Exception when the download fails
+        raise SampleDownloadError(
+            f"downloading the cats-vs-dogs sample from {SAMPLE_ORIGIN} failed ({error}). Either put a "
+            f"class-folder photo tree at {DEFAULT_DATA}, or pass one with --data DIR "
+            "(make demo DATA=DIR WEIGHTS=path/to/weights.h5)."
+        ) from error
     for candidate in [extracted, *sorted(extracted.rglob("*"))]:
         if candidate.is_dir() and (candidate / "train").is_dir():
             return candidate
@@ -81,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         data = DEFAULT_DATA
     else:
         print(f"{DEFAULT_DATA} not found; using the public cats-vs-dogs sample", file=sys.stderr)
-        data = sample_photos()
+        try:
+            data = sample_photos()
+        except SampleDownloadError as error:
+            print(f"demo: error: {error}", file=sys.stderr)
+            return 1
     from pipeline.bases import UnknownBaseError
     from pipeline.images import DataFolderError, scan_tree
     from pipeline.spec import SpecError, make_spec
