@@ -113,13 +113,14 @@ def test_streams_run_concurrently(photos: Path, spec: FeatureSpec, extractor: Fe
 def test_streams_match_one_stream(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor,
                                   tmp_path: Path) -> None:
     items, classes = work_items(photos)
-    one = tmp_path / "one" / spec.cache_name
-    two = tmp_path / "two" / spec.cache_name
-    one.parent.mkdir()
-    two.parent.mkdir()
-    compute_rows(one, spec, classes, items, extractor, batch_size=BATCH, streams=1)
-    compute_rows(two, spec, classes, items, extractor, batch_size=BATCH, streams=2)
-    np.testing.assert_allclose(committed_rows(two)[1], committed_rows(one)[1], rtol=1e-5, atol=1e-6)
+    one_stream_cache = tmp_path / "one" / spec.cache_name
+    two_stream_cache = tmp_path / "two" / spec.cache_name
+    one_stream_cache.parent.mkdir()
+    two_stream_cache.parent.mkdir()
+    compute_rows(one_stream_cache, spec, classes, items, extractor, batch_size=BATCH, streams=1)
+    compute_rows(two_stream_cache, spec, classes, items, extractor, batch_size=BATCH, streams=2)
+    np.testing.assert_allclose(committed_rows(two_stream_cache)[1], committed_rows(one_stream_cache)[1],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_streams_below_one_rejected(photos: Path, spec: FeatureSpec, extractor: FeatureExtractor,

@@ -5,9 +5,9 @@ Not collected by pytest. Two commands:
 ``compare`` (the default)
     For each conv base, each round measures, one after another:
 
-    (a) ``bound``: the compiled forward pass over a batch of photos already in memory,
-        the fastest of a plain ``tf.function``, the product's extractor, and the
-        product's extractor called from two threads at once;
+    (a) ``bound``: the compiled forward pass over a batch of photos already in memory.
+        Three passes compete and the fastest counts: a plain ``tf.function``, the
+        product's extractor, and the product's extractor called from two threads at once;
     (b) ``extract``: ``convcache extract`` end to end on a cold cache, in a subprocess.
         Its rate is rows computed over the ``seconds`` field of the JSON summary, which
         runs from the start of the scan to the summary and so includes importing
@@ -688,8 +688,11 @@ def lever_decode(args: argparse.Namespace, spec: Any, extractor: Any, images: An
 
 def lever_pipeline(args: argparse.Namespace, spec: Any, extractor: Any, images: Any, items: Any, classes: Any,
                    work: Path) -> dict[str, Any]:
-    """Decoding in the inference thread against ``compute_rows`` with 1 or 2 decode threads, 1 or 2 inference
-    streams, and without draft mode; beside the forward pass alone in 1 and 2 streams."""
+    """Compare decoding in the inference thread with ``compute_rows`` under several settings.
+
+    The settings are 1 or 2 decode threads, 1 or 2 inference streams, and no draft mode.
+    The forward pass alone, in 1 and in 2 streams, runs beside them as the reference.
+    """
     import dataclasses
 
     import numpy as np

@@ -20,8 +20,9 @@ Example (from the repository root)::
 
     .venv/bin/python tests/benchmarks/bench_storage.py run --out data/reports/bench_storage.json
 
-The photo tree defaults to the cats_vs_dogs tree beside the repository and the ImageNet
-MobileNetV2 weights to the models folder beside it; pass ``--data`` and ``--models``.
+The photo tree defaults to the cats_vs_dogs tree beside the repository, and the ImageNet
+MobileNetV2 weights to the models folder beside it. Pass ``--data`` and ``--models`` to
+use others.
 VGG16 runs with random weights (seed 0, saved once so that every precision runs the same
 network), so its accuracy figures only compare precisions.
 """
